@@ -1,0 +1,82 @@
+"""Default fame-jax configuration: FAME on Beauty with the SASRec/RecBole defaults.
+
+Every dataset config (beauty.py, sports.py, toys.py, yelp.py, synthetic.py) starts
+from `get_config()` here and changes only what differs. Any field can be
+overridden from the command line, e.g. `--config.model.num_experts=8`.
+"""
+
+import os
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+
+  config.seed = 42  # Seeds parameter init, dropout and the data order.
+  config.batch_size = 256  # Global training batch (sequences); split over all devices.
+  config.eval_batch_size = 512  # Users per full-ranking evaluation batch.
+  config.num_epochs = 200  # Upper bound on training epochs.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "Beauty"  # File stem in data.dir ("Beauty" -> Beauty.txt), or "synthetic".
+  config.data.dir = os.environ.get("FAME_DATA_DIR", "./data")  # Where the dataset files live.
+  config.data.max_len = 50  # L: the model sees at most the last L items.
+  # Training windows are padded to the smallest of these lengths that fits the
+  # batch (0 stands for max_len); a handful of static shapes, little padding.
+  config.data.length_buckets = (8, 16, 32, 0)
+  # Sort windows by length inside pools of this many batches before batching
+  # (1 disables bucketing; every batch then is padded to max_len).
+  config.data.bucket_pool_batches = 32
+  config.data.exclude_history = True  # Drop items of the user's history from the ranking.
+  # Synthetic data (used only when data.name == "synthetic"): planted facets.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_users = 2000  # Number of users generated.
+  config.data.synthetic.num_items = 600  # Catalogue size.
+  config.data.synthetic.num_facets = 2  # Independent facets per item (e.g. genre, brand).
+  config.data.synthetic.values_per_facet = 6  # Distinct values a facet can take.
+  config.data.synthetic.liked_values = 2  # Values each user likes within each facet.
+  config.data.synthetic.min_len = 6  # Shortest generated sequence.
+  config.data.synthetic.max_len = 30  # Longest generated sequence.
+  config.data.synthetic.noise = 0.05  # Probability of a uniformly random next item.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "fame"  # "fame", or "sasrec" for the baseline (no FAME layer).
+  config.model.hidden_size = 64  # d.
+  config.model.num_layers = 2  # Transformer layers; with FAME the last one is the FAME layer.
+  config.model.num_heads = 2  # H; must divide hidden_size.
+  config.model.num_experts = 4  # N query experts per head (1 = no MoE ablation).
+  config.model.ffn_size = 256  # Inner size of the standard blocks' FFN (4d).
+  config.model.head_ffn_size = 0  # Inner size of the shared per-head FFN' (0 = 4 d/H).
+  config.model.dropout = 0.5  # Dropout on hidden states.
+  config.model.attention_dropout = 0.5  # Dropout on attention probabilities.
+  config.model.activation = "gelu"  # FFN activation: "gelu" (RecBole) or "relu" (SASRec).
+  config.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (RecBole's value).
+  config.model.init_std = 0.02  # Std of the truncated-normal weight init.
+  # Eq. 11: "logit_sum" (score = sum_h g_h s_h, softmax CE) or
+  # "mixture_of_softmax" (p = sum_h g_h softmax(s_h), -log p).
+  config.model.combine = "logit_sum"
+  config.model.gate = True  # Learned head gate (Eq. 10); False = uniform 1/H (ablation).
+  # Residual of FFN' (Eq. 7): "mixture" adds f^(h), "none" has no residual.
+  config.model.head_ffn_residual = "mixture"
+  config.model.dtype = "float32"  # Activation/matmul dtype ("bfloat16" on GPU/TPU); params stay float32.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3  # Adam peak learning rate.
+  config.optim.weight_decay = 0.0  # Decoupled weight decay (AdamW) if > 0.
+  config.optim.b1 = 0.9  # Adam beta1.
+  config.optim.b2 = 0.999  # Adam beta2.
+  config.optim.warmup_steps = 0  # Linear warm-up steps (0 = constant learning rate).
+  config.optim.grad_clip_norm = 0.0  # Clip the global gradient norm (0 = off).
+
+  config.loss_chunk_size = 0  # Items per chunk of the streaming cross-entropy (0 = whole catalogue).
+  config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
+
+  config.eval_every_epochs = 1  # Validate every this many epochs.
+  config.early_stop_metric = "NDCG@10"  # Validation metric that picks the best checkpoint.
+  config.early_stop_patience = 10  # Stop after this many evaluations without improvement.
+  config.checkpoint_every_steps = 0  # Also save the latest state every this many steps (0 = per epoch only).
+  config.log_every_steps = 50  # Progress-bar loss refresh (a host sync) every this many steps.
+  config.mesh_model_axis = 1  # Devices on the 'model' axis (shards the item table); 1 = pure data parallel.
+  return config

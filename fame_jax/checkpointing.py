@@ -1,0 +1,142 @@
+"""Orbax checkpoints of a run: the latest state (to resume) and the best one.
+
+Layout of a workdir:
+  config.json              the run's configuration
+  checkpoints/latest/<step>  train state + progress (epoch, position in the epoch, ...)
+  checkpoints/best/<step>    train state of the best validation score + its metrics
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so an interrupted write is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+# Fields that may change between a run and its resumption or evaluation.
+MUTABLE_FIELDS = frozenset({
+    "num_epochs", "eval_batch_size", "eval_every_epochs", "early_stop_patience",
+    "checkpoint_every_steps", "log_every_steps", "data.dir", "eval_chunk_size",
+    "loss_chunk_size",
+})
+
+
+class CheckpointError(ValueError):
+  """A missing or mismatched checkpoint; the message names the directory or field."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                       ignore=MUTABLE_FIELDS) -> list[str]:
+  """Fields (other than `ignore`) whose value differs: `["model.num_heads: 2 -> 4", ...]`."""
+  old, new = _flatten(saved), _flatten(config_to_dict(config))
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    if key in ignore or any(key.startswith(f + ".") for f in ignore):
+      continue
+    if old.get(key, "<absent>") != new.get(key, "<absent>"):
+      diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+  return diffs
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `config.json` atomically (write a temporary file, then rename)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: not found; is {workdir!r} the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_saved_config_dict(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class RunCheckpoints:
+  """The two Orbax managers of a run: "latest" (resume) and "best" (evaluate)."""
+
+  def __init__(self, workdir: str, keep_latest: int = 2):
+    root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True)
+    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  @staticmethod
+  def _save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+  def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._save(self.latest, step, state, meta)
+
+  def save_best(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._save(self.best, step, state, meta)
+
+  @staticmethod
+  def _restore(manager: ocp.CheckpointManager, step: int | None,
+               abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    if step not in manager.all_steps():
+      raise CheckpointError(f"{manager.directory}: no checkpoint for step {step}; "
+                            f"available: {sorted(manager.all_steps())}")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"{manager.directory}/{step}: checkpoint does not match the "
+                            f"model built from the config ({first[:300]})") from None
+    return restored.state, restored.meta
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    return self._restore(self.latest, None, abstract_state)
+
+  def restore_best(self, abstract_state: Any,
+                   step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+    """The best checkpoint, or the one at `step` (searched in best, then latest)."""
+    if step is not None and step not in self.best.all_steps():
+      return self._restore(self.latest, step, abstract_state)
+    return self._restore(self.best, step, abstract_state)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

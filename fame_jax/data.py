@@ -1,0 +1,280 @@
+"""Sequential-recommendation data: reading, leave-one-out split, batches.
+
+File format (the S3-Rec / ICLRec files): one user per line, `user item item ...`,
+items in chronological order, positive integer ids, item 0 reserved for padding.
+
+Training batches are right-padded: position 0 holds a sequence's first item,
+as in SASRec / RecBole, and every non-padding position carries the next item
+as its target. A training sequence longer than `max_len` is cut into windows
+so that every target is predicted exactly once, each with as much context as
+fits (see `training_windows`). Batches are drawn in an order that is a pure
+function of (seed, epoch), padded to one of a few static lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+MIN_ITEMS_PER_USER = 3
+DATA_HELP = ("The four benchmark files (Beauty.txt, Sports_and_Outdoors.txt, Toys_and_Games.txt, "
+             "Yelp.txt) are published in the data/ folder of the salesforce/ICLRec GitHub repository; "
+             "put them in one folder and point FAME_DATA_DIR (or --config.data.dir) at it.")
+
+
+class DataError(ValueError):
+  """Malformed or missing data; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """User sequences (chronological item-id arrays) and the catalogue size."""
+  name: str
+  sequences: list[np.ndarray]
+  num_items: int
+
+  @property
+  def num_users(self) -> int:
+    return len(self.sequences)
+
+
+def read_sequences(path: str) -> list[np.ndarray]:
+  """Reads and strictly validates a `user item item ...` file."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: dataset file not found. {DATA_HELP}")
+  sequences = []
+  with open(path, "r", encoding="ascii", errors="strict") as f:
+    try:
+      lines = f.readlines()
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}: not an ASCII text file ({e})") from None
+  for lineno, line in enumerate(lines, start=1):
+    fields = line.split()
+    if not fields:
+      raise DataError(f"{path}:{lineno}: empty line")
+    try:
+      ids = [int(x) for x in fields]
+    except ValueError:
+      bad = next(x for x in fields if not _is_int(x))
+      raise DataError(f"{path}:{lineno}: {bad!r} is not an integer id") from None
+    if min(ids) <= 0:
+      raise DataError(f"{path}:{lineno}: ids must be positive integers, got {min(ids)}")
+    items = ids[1:]
+    if len(items) < MIN_ITEMS_PER_USER:
+      raise DataError(f"{path}:{lineno}: user {ids[0]} has {len(items)} items; "
+                      f"leave-one-out needs at least {MIN_ITEMS_PER_USER}")
+    sequences.append(np.asarray(items, dtype=np.int32))
+  if not sequences:
+    raise DataError(f"{path}: the file is empty")
+  return sequences
+
+
+def _is_int(text: str) -> bool:
+  try:
+    int(text)
+    return True
+  except ValueError:
+    return False
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset named by `config.data.name` (a file in `config.data.dir`, or "synthetic")."""
+  name = config.data.name
+  if name == "synthetic":
+    from fame_jax import synthetic  # pylint: disable=g-import-not-at-top
+    sequences, num_items = synthetic.generate(config.data.synthetic, seed=config.seed)
+    return Dataset(name, sequences, num_items)
+  sequences = read_sequences(os.path.join(config.data.dir, f"{name}.txt"))
+  return Dataset(name, sequences, int(max(s.max() for s in sequences)))
+
+
+# ---------------------------------------------------------------------------
+# Leave-one-out split.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+  """Evaluation users: input histories, held-out targets, items to exclude."""
+  histories: list[np.ndarray]  # Full history before the target.
+  targets: np.ndarray  # [U] item ids.
+
+
+def train_sequences(dataset: Dataset) -> list[np.ndarray]:
+  """Training prefix of each user: all but the last two items."""
+  return [s[:-2] for s in dataset.sequences]
+
+
+def eval_split(dataset: Dataset, split: str) -> EvalSplit:
+  """"valid": predict the second-to-last item; "test": predict the last item."""
+  if split not in ("valid", "test"):
+    raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+  cut = 2 if split == "valid" else 1
+  return EvalSplit([s[:-cut] for s in dataset.sequences],
+                   np.asarray([s[-cut] for s in dataset.sequences], dtype=np.int32))
+
+
+# ---------------------------------------------------------------------------
+# Training windows and batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Right-padded training windows: inputs, targets (0 = no loss) and lengths."""
+  inputs: np.ndarray  # [W, max_len] int32
+  targets: np.ndarray  # [W, max_len] int32
+  lengths: np.ndarray  # [W] int32, number of non-padding inputs
+
+  @property
+  def num_targets(self) -> int:
+    return int((self.targets > 0).sum())
+
+
+def training_windows(sequences: list[np.ndarray], max_len: int) -> Windows:
+  """Next-item windows: every target of every sequence exactly once.
+
+  A sequence `s` gives inputs `s[:-1]` and targets `s[1:]`. When there are more
+  than `max_len` of them, windows end at max_len, 2 max_len, ... and at the
+  end; each window is the `max_len` inputs before its end, and only targets not
+  already covered by an earlier window keep a loss.
+  """
+  inputs, targets, lengths = [], [], []
+  for seq in sequences:
+    n = len(seq) - 1
+    if n <= 0:
+      continue
+    ends = list(range(max_len, n, max_len)) + [n]
+    covered = 0
+    for end in ends:
+      start = max(0, end - max_len)
+      x = np.zeros(max_len, np.int32)
+      y = np.zeros(max_len, np.int32)
+      x[:end - start] = seq[start:end]
+      y[:end - start] = seq[start + 1:end + 1]
+      if covered > start:
+        y[:covered - start] = 0  # Already predicted by the previous window.
+      inputs.append(x)
+      targets.append(y)
+      lengths.append(end - start)
+      covered = end
+  if not inputs:
+    raise DataError("no training targets: every user's training prefix has a single item")
+  return Windows(np.stack(inputs), np.stack(targets), np.asarray(lengths, np.int32))
+
+
+def bucket_lengths(length_buckets, max_len: int) -> tuple[int, ...]:
+  """Sorted static lengths (0 in the config means max_len), capped at max_len."""
+  sizes = sorted({max_len if b == 0 else min(int(b), max_len) for b in length_buckets} | {max_len})
+  if sizes[0] <= 0:
+    raise ValueError(f"config.data.length_buckets: lengths must be >= 0, got {length_buckets}")
+  return tuple(sizes)
+
+
+def fit_bucket(length: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket >= length."""
+  for b in buckets:
+    if length <= b:
+      return b
+  return buckets[-1]
+
+
+def epoch_batch_indices(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                        pool_batches: int) -> list[np.ndarray]:
+  """The epoch's batches as arrays of window indices; a pure function of (seed, epoch).
+
+  Windows are shuffled, sorted by length inside pools of `pool_batches`
+  batches (so a batch holds windows of similar length), cut into batches, and
+  the batches shuffled. The last batch may be short.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  pool = max(1, pool_batches) * batch_size
+  batches = []
+  for start in range(0, len(order), pool):
+    chunk = order[start:start + pool]
+    if pool_batches > 1:
+      chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+  return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_train_batch(windows: Windows, index: np.ndarray, batch_size: int,
+                     buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+  """A `[batch_size, bucket]` batch; rows beyond `len(index)` are empty padding."""
+  length = fit_bucket(int(windows.lengths[index].max()), buckets)
+  items = np.zeros((batch_size, length), np.int32)
+  targets = np.zeros((batch_size, length), np.int32)
+  items[:len(index)] = windows.inputs[index, :length]
+  targets[:len(index)] = windows.targets[index, :length]
+  return {"items": items, "targets": targets}
+
+
+def train_batches(windows: Windows, batch_size: int, seed: int, epoch: int,
+                  buckets: tuple[int, ...], pool_batches: int,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """The epoch's training batches, from batch `start_step` on (for exact resume)."""
+  indices = epoch_batch_indices(windows.lengths, batch_size, seed, epoch, pool_batches)
+  for index in indices[start_step:]:
+    yield make_train_batch(windows, index, batch_size, buckets)
+
+
+def steps_per_epoch(windows: Windows, batch_size: int) -> int:
+  return -(-len(windows.lengths) // batch_size)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation batches.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+  """Padded evaluation inputs, sorted by history length (for bucketing)."""
+  items: np.ndarray  # [U, max_len] last max_len history items, right-padded
+  lengths: np.ndarray  # [U]
+  targets: np.ndarray  # [U]
+  exclude: np.ndarray  # [U, X] unique history items to drop from the ranking, 0-padded
+
+
+def eval_data(split: EvalSplit, max_len: int, exclude_history: bool) -> EvalData:
+  histories = split.histories
+  num = len(histories)
+  items = np.zeros((num, max_len), np.int32)
+  lengths = np.zeros(num, np.int32)
+  for u, h in enumerate(histories):
+    recent = h[-max_len:]
+    items[u, :len(recent)] = recent
+    lengths[u] = len(recent)
+  if exclude_history:
+    uniques = [np.unique(h) for h in histories]
+    width = max(len(x) for x in uniques)
+    exclude = np.zeros((num, width), np.int32)
+    for u, x in enumerate(uniques):
+      exclude[u, :len(x)] = x
+  else:
+    exclude = np.zeros((num, 1), np.int32)
+  return EvalData(items, lengths, split.targets.astype(np.int32), exclude)
+
+
+def eval_batches(data: EvalData, batch_size: int,
+                 buckets: tuple[int, ...]) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """Yields (batch, user indices of its real rows); users sorted by length, padded to a bucket."""
+  order = np.argsort(data.lengths, kind="stable")
+  for start in range(0, len(order), batch_size):
+    index = order[start:start + batch_size]
+    n = len(index)
+    length = fit_bucket(int(data.lengths[index].max()), buckets)
+    batch = {
+        "items": np.zeros((batch_size, length), np.int32),
+        "lengths": np.ones(batch_size, np.int32),
+        "targets": np.ones(batch_size, np.int32),
+        "exclude": np.zeros((batch_size, data.exclude.shape[1]), np.int32),
+    }
+    batch["items"][:n] = data.items[index, :length]
+    batch["items"][n:, 0] = 1  # Padding rows: a dummy one-item history, results dropped.
+    batch["lengths"][:n] = data.lengths[index]
+    batch["targets"][:n] = data.targets[index]
+    batch["exclude"][:n] = data.exclude[index]
+    yield batch, index

@@ -1,0 +1,63 @@
+"""Full-ranking evaluation: every item is a candidate, ranks computed on device."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fame_jax import data as data_lib
+from fame_jax import model as model_lib
+from fame_jax import scoring
+from fame_jax import sharding as sharding_lib
+
+EvalFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
+
+
+def last_position(out: model_lib.UserVectors, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """User vectors `[B, K, d]` and log-weights `[B, K]` at each row's last item."""
+  idx = (lengths - 1)[:, None]
+  vectors = jnp.take_along_axis(out.vectors, idx[:, :, None, None], axis=1)[:, 0]
+  log_weights = jnp.take_along_axis(out.log_weights, idx[:, :, None], axis=1)[:, 0]
+  return vectors, log_weights
+
+
+def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
+                 chunk_size: int = 0) -> EvalFn:
+  """A jitted `(params, batch) -> ranks [B]` with the batch sharded over 'data'."""
+  dtype = model_lib.DTYPES[model.cfg.dtype]
+
+  def eval_step(params, batch):
+    out = model.apply({"params": params}, batch["items"], deterministic=True)
+    vectors, log_weights = last_position(out, batch["lengths"])
+    return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
+                                model_lib.item_table(params), chunk_size, dtype)
+
+  return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+def evaluate(eval_fn: EvalFn, params: Any, data: data_lib.EvalData, batch_size: int,
+             buckets: tuple[int, ...], mesh: jax.sharding.Mesh) -> tuple[dict[str, float], np.ndarray]:
+  """Metrics over all users, and each user's 0-based rank (in user order)."""
+  sharding = sharding_lib.batch_sharding(mesh)
+  pending = []
+  for batch, index in data_lib.eval_batches(data, batch_size, buckets):
+    pending.append((eval_fn(params, sharding_lib.global_batch(batch, sharding)), index))
+  ranks = np.empty(len(data.targets), np.int64)
+  for device_ranks, index in pending:  # One host transfer per batch, after all are queued.
+    host = (multihost_utils.process_allgather(device_ranks, tiled=True)
+            if jax.process_count() > 1 else np.asarray(device_ranks))
+    ranks[index] = host[:len(index)]
+  return scoring.metrics_from_ranks(ranks), ranks
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+  """A plain-text table: one row per split, one column per metric."""
+  names = [f"{m}@{k}" for m in ("HR", "NDCG") for k in scoring.METRIC_KS] + ["MRR"]
+  lines = ["split  " + "  ".join(f"{n:>8}" for n in names)]
+  for split, metrics in results.items():
+    lines.append(f"{split:<6} " + "  ".join(f"{metrics[n]:8.4f}" for n in names))
+  return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""FAME and SASRec as pure Flax linen modules.
+
+Both models map a right-padded batch of item ids `[B, L]` to *user vectors* in
+the item-embedding space, one or more per position:
+
+  vectors     [B, L, K, d]  K = 1 for SASRec and FAME with the "logit_sum" rule,
+                            K = H for FAME with the "mixture_of_softmax" rule;
+  log_weights [B, L, K]     log of the mixture weights over the K vectors.
+
+The next-item distribution at a position is then
+
+  log p(v) = logsumexp_k( log_weights_k + <vectors_k, E[v]> - lse_k ),
+  lse_k    = logsumexp_{v'} <vectors_k, E[v']>,
+
+which `fame_jax.scoring` evaluates against the whole catalogue in chunks. This
+covers both rules of Eq. 11:
+
+* logit_sum: score(v) = sum_h g_h <F^(h), E[v] W_f^(h)> = <sum_h g_h W_f^(h) F^(h), E[v]>,
+  a single vector per position (K = 1);
+* mixture_of_softmax: one vector u_h = W_f^(h) F^(h) per head, weights g (K = H).
+
+Projecting the user side back (u_h = W_f^(h) F^(h)) instead of projecting the
+whole item table into every head (E W_f^(h), Eq. 9) gives identical scores at
+a fraction of the cost, and lets the item table be the only catalogue-sized
+tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+MODEL_NAMES = ("fame", "sasrec")
+COMBINE_RULES = ("logit_sum", "mixture_of_softmax")
+HEAD_FFN_RESIDUALS = ("mixture", "none")
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UserVectors(NamedTuple):
+  """Per-position representation that scores the catalogue (see module doc)."""
+  vectors: Array  # [B, L, K, d]
+  log_weights: Array  # [B, L, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Validated, hashable model hyper-parameters (built from `config.model`)."""
+  name: str
+  num_items: int
+  max_len: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_experts: int
+  ffn_size: int
+  head_ffn_size: int
+  dropout: float
+  attention_dropout: float
+  activation: str
+  layer_norm_eps: float
+  init_std: float
+  combine: str
+  gate: bool
+  head_ffn_residual: str
+  dtype: str
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def num_vectors(self) -> int:
+    """K: user vectors per position."""
+    if self.name == "fame" and self.combine == "mixture_of_softmax":
+      return self.num_heads
+    return 1
+
+
+class ConfigError(ValueError):
+  """An impossible configuration; the message names the field."""
+
+
+def model_config_from(config: ml_collections.ConfigDict, num_items: int) -> ModelConfig:
+  """Builds and validates a `ModelConfig`; raises `ConfigError` naming the bad field."""
+  m = config.model
+
+  def check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+      raise ConfigError(f"config.{field}: {why}")
+
+  check(m.name in MODEL_NAMES, "model.name", f"got {m.name!r}, expected one of {MODEL_NAMES}")
+  check(m.hidden_size >= 1, "model.hidden_size", f"must be >= 1, got {m.hidden_size}")
+  check(m.num_layers >= 1, "model.num_layers", f"must be >= 1, got {m.num_layers}")
+  check(m.num_heads >= 1, "model.num_heads", f"must be >= 1, got {m.num_heads}")
+  check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+        f"num_heads={m.num_heads} must divide hidden_size={m.hidden_size}")
+  check(m.num_experts >= 1, "model.num_experts", f"must be >= 1, got {m.num_experts}")
+  check(m.ffn_size >= 1, "model.ffn_size", f"must be >= 1, got {m.ffn_size}")
+  check(m.head_ffn_size >= 0, "model.head_ffn_size", f"must be >= 0, got {m.head_ffn_size}")
+  check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+  check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout",
+        f"must be in [0, 1), got {m.attention_dropout}")
+  check(m.activation in ACTIVATIONS, "model.activation",
+        f"got {m.activation!r}, expected one of {tuple(ACTIVATIONS)}")
+  check(m.combine in COMBINE_RULES, "model.combine",
+        f"got {m.combine!r}, expected one of {COMBINE_RULES}")
+  check(m.head_ffn_residual in HEAD_FFN_RESIDUALS, "model.head_ffn_residual",
+        f"got {m.head_ffn_residual!r}, expected one of {HEAD_FFN_RESIDUALS}")
+  check(m.dtype in DTYPES, "model.dtype", f"got {m.dtype!r}, expected one of {tuple(DTYPES)}")
+  check(m.init_std > 0, "model.init_std", f"must be > 0, got {m.init_std}")
+  check(config.data.max_len >= 1, "data.max_len", f"must be >= 1, got {config.data.max_len}")
+  check(num_items >= 2, "data", f"the dataset has {num_items} items; need at least 2")
+  head_dim = m.hidden_size // m.num_heads
+  return ModelConfig(
+      name=m.name, num_items=num_items, max_len=config.data.max_len,
+      hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_experts=m.num_experts, ffn_size=m.ffn_size,
+      head_ffn_size=m.head_ffn_size or 4 * head_dim, dropout=m.dropout,
+      attention_dropout=m.attention_dropout, activation=m.activation,
+      layer_norm_eps=m.layer_norm_eps, init_std=m.init_std, combine=m.combine,
+      gate=bool(m.gate), head_ffn_residual=m.head_ffn_residual, dtype=m.dtype)
+
+
+def attention_mask(items: Array) -> Array:
+  """Causal mask that also hides padding keys: `[B, 1, L, L]`, True = may attend."""
+  valid = items > 0
+  length = items.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return (causal[None, :, :] & valid[:, None, :])[:, None, :, :]
+
+
+class FeedForward(nn.Module):
+  """Position-wise FFN with dropout, residual and post-LayerNorm (RecBole style)."""
+  inner_size: int
+  activation: str
+  dropout: float
+  layer_norm_eps: float
+  init_std: float
+  dtype: Any
+  residual: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    init = nn.initializers.normal(self.init_std)
+    h = nn.Dense(self.inner_size, kernel_init=init, dtype=self.dtype, name="inner")(x)
+    h = ACTIVATIONS[self.activation](h)
+    h = nn.Dense(x.shape[-1], kernel_init=init, dtype=self.dtype, name="outer")(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    if self.residual:
+      h = h + x
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(h)
+
+
+class TransformerBlock(nn.Module):
+  """Post-LN block: causal multi-head self-attention, then the FFN."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    init = nn.initializers.normal(cfg.init_std)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=cfg.num_heads, qkv_features=cfg.hidden_size,
+        out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout,
+        kernel_init=init, dtype=dtype, name="attention")(
+            x, mask=mask, deterministic=deterministic)
+    h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(x + h)
+    return FeedForward(cfg.ffn_size, cfg.activation, cfg.dropout, cfg.layer_norm_eps,
+                       cfg.init_std, dtype, name="ffn")(x, deterministic)
+
+
+class ExpertAttentionHead(nn.Module):
+  """One FAME head (Eq. 14-17): N query experts over a shared K/V, then a router.
+
+  Written for a single head; `FameLayer` maps it over heads with `nn.vmap`.
+  Returns the expert mixture f^(h): `[B, L, d']`.
+  """
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    init = nn.initializers.normal(cfg.init_std)
+    d_head, n_exp = cfg.head_dim, cfg.num_experts
+    key = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="key")(x)  # [B, L, d']
+    value = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="value")(x)  # [B, L, d']
+    query = nn.DenseGeneral((n_exp, d_head), kernel_init=init, dtype=dtype,
+                            name="query")(x)  # [B, L, N, d']
+    logits = jnp.einsum("blnk,bmk->bnlm", query, key) / math.sqrt(d_head)
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)  # mask [B, 1, L, L]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
+    experts = jnp.einsum("bnlm,bmk->blnk", probs, value)  # f^(h,n): [B, L, N, d']
+    b, length = x.shape[:2]
+    router_logits = nn.Dense(n_exp, kernel_init=init, dtype=dtype, name="router")(
+        experts.reshape(b, length, n_exp * d_head))  # Eq. 16
+    router = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [B, L, N]
+    self.sow("intermediates", "router_weights", router)
+    return jnp.einsum("bln,blnk->blk", router.astype(dtype), experts)  # Eq. 17
+
+
+class FameLayer(nn.Module):
+  """The last layer of FAME: per-head expert attention, shared FFN', no W_O.
+
+  Returns F: `[B, L, H, d']`, one sub-embedding per head.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.cfg
+    heads = nn.vmap(
+        ExpertAttentionHead,
+        in_axes=(None, None), out_axes=2, axis_size=cfg.num_heads,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+    )(cfg, deterministic, name="heads")
+    mixed = heads(x, mask)  # [B, L, H, d']
+    # Eq. 7: FFN' on d' dimensions, shared by all heads (it acts on the last axis).
+    return FeedForward(cfg.head_ffn_size, cfg.activation, cfg.dropout, cfg.layer_norm_eps,
+                       cfg.init_std, DTYPES[cfg.dtype],
+                       residual=cfg.head_ffn_residual == "mixture",
+                       name="head_ffn")(mixed, deterministic)
+
+
+class SequenceRecommender(nn.Module):
+  """SASRec (cfg.name == "sasrec") or FAME (cfg.name == "fame")."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, items: Array, *, deterministic: bool = True) -> UserVectors:
+    cfg = self.cfg
+    chex.assert_rank(items, 2)
+    batch, length = items.shape
+    if length > cfg.max_len:
+      raise ValueError(f"sequence length {length} exceeds data.max_len={cfg.max_len}")
+    dtype = DTYPES[cfg.dtype]
+    init = nn.initializers.normal(cfg.init_std)
+    item_embedding = nn.Embed(cfg.num_items + 1, cfg.hidden_size, embedding_init=init,
+                              name="item_embedding")
+    position_embedding = nn.Embed(cfg.max_len, cfg.hidden_size, embedding_init=init,
+                                  name="position_embedding")
+    x = item_embedding(items) + position_embedding(jnp.arange(length))[None]
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="input_norm")(x)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    mask = attention_mask(items)
+    num_standard = cfg.num_layers - (1 if cfg.name == "fame" else 0)
+    for i in range(num_standard):
+      x = TransformerBlock(cfg, name=f"block_{i}")(x, mask, deterministic)
+    if cfg.name == "sasrec":
+      vectors = x[:, :, None, :]
+      log_weights = jnp.zeros((batch, length, 1), jnp.float32)
+    else:
+      vectors, log_weights = self._facet_heads(x, mask, deterministic)
+    chex.assert_shape(vectors, (batch, length, cfg.num_vectors, cfg.hidden_size))
+    chex.assert_shape(log_weights, (batch, length, cfg.num_vectors))
+    return UserVectors(vectors, log_weights)
+
+  def _facet_heads(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, Array]:
+    """FAME layer, gate (Eq. 10) and head combination (Eq. 11)."""
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    init = nn.initializers.normal(cfg.init_std)
+    batch, length = x.shape[:2]
+    heads = FameLayer(cfg, name="fame_layer")(x, mask, deterministic)  # [B, L, H, d']
+    if cfg.gate:
+      gate_logits = nn.Dense(cfg.num_heads, kernel_init=init, dtype=dtype, name="gate")(
+          heads.reshape(batch, length, cfg.hidden_size))
+      log_gate = jax.nn.log_softmax(gate_logits.astype(jnp.float32), axis=-1)
+    else:
+      log_gate = jnp.full((batch, length, cfg.num_heads), -math.log(cfg.num_heads), jnp.float32)
+    self.sow("intermediates", "gate_weights", jnp.exp(log_gate))
+    # Eq. 9, applied to the user side: u_h = W_f^(h) F^(h), so <u_h, E[v]> = <F^(h), E[v] W_f^(h)>.
+    item_projection = self.param("item_projection", init,
+                                 (cfg.num_heads, cfg.hidden_size, cfg.head_dim))
+    per_head = jnp.einsum("blhk,hdk->blhd", heads, item_projection.astype(dtype))
+    if cfg.combine == "logit_sum":
+      vectors = jnp.einsum("blh,blhd->bld", jnp.exp(log_gate).astype(dtype), per_head)
+      return vectors[:, :, None, :], jnp.zeros((batch, length, 1), jnp.float32)
+    return per_head, log_gate
+
+
+def build_model(cfg: ModelConfig) -> SequenceRecommender:
+  return SequenceRecommender(cfg)
+
+
+def item_table(params: Any) -> Array:
+  """The `[V, d]` table of real-item embeddings from a parameter tree."""
+  return params["item_embedding"]["embedding"][1:]

@@ -1,0 +1,161 @@
+"""Scoring the whole catalogue: next-item cross-entropy and full-ranking ranks.
+
+Everything here works on flat token buffers of user vectors (`[T, K, d]`, see
+`fame_jax.model.UserVectors`) against the item table `[V, d]`. With
+`chunk_size > 0` the catalogue is streamed in chunks of items (a running
+log-sum-exp for the loss, running counts for the ranks), so memory is
+`O(T * chunk_size)` instead of `O(T * V)`; the loss chunks are rematerialised in
+the backward pass. Scores never leave the device: ranking returns only ranks.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _logits(vectors: Array, table: Array, dtype) -> Array:
+  """`[T, K, d] x [C, d] -> [T, K, C]` in `dtype` with float32 accumulation."""
+  return jnp.einsum("tkd,cd->tkc", vectors.astype(dtype), table.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _chunked_table(table: Array, chunk_size: int) -> tuple[Array, Array]:
+  """Pads `[V, d]` to whole chunks: `([n, C, d], item_ids [n, C])`, ids 1..V, 0 for padding."""
+  num_items = table.shape[0]
+  num_chunks = -(-num_items // chunk_size)
+  pad = num_chunks * chunk_size - num_items
+  table = jnp.pad(table, ((0, pad), (0, 0)))
+  ids = jnp.arange(1, num_chunks * chunk_size + 1)
+  ids = jnp.where(ids <= num_items, ids, 0)
+  return (table.reshape(num_chunks, chunk_size, -1), ids.reshape(num_chunks, chunk_size))
+
+
+def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
+                    dtype=jnp.float32) -> Array:
+  """lse_k = logsumexp_v <vectors_k, table_v> over all items: `[T, K]`."""
+  if chunk_size <= 0 or chunk_size >= table.shape[0]:
+    return jax.nn.logsumexp(_logits(vectors, table, dtype), axis=-1)
+  chunks, ids = _chunked_table(table, chunk_size)
+
+  @jax.checkpoint
+  def step(carry, chunk):
+    running_max, running_sum = carry
+    rows, row_ids = chunk
+    logits = _logits(vectors, rows, dtype)
+    logits = jnp.where(row_ids > 0, logits, -jnp.inf)
+    new_max = jnp.maximum(running_max, jax.lax.stop_gradient(logits.max(axis=-1)))
+    running_sum = (running_sum * jnp.exp(running_max - new_max)
+                   + jnp.exp(logits - new_max[..., None]).sum(axis=-1))
+    return (new_max, running_sum), None
+
+  init = (jnp.full(vectors.shape[:2], jnp.finfo(jnp.float32).min, jnp.float32),
+          jnp.zeros(vectors.shape[:2], jnp.float32))
+  (running_max, running_sum), _ = jax.lax.scan(step, init, (chunks, ids))
+  return running_max + jnp.log(running_sum)
+
+
+def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table: Array,
+                       chunk_size: int = 0, dtype=jnp.float32) -> Array:
+  """log p(target) under the mixture of K softmaxes over the whole catalogue: `[T]`.
+
+  Args:
+    vectors: `[T, K, d]` user vectors.
+    log_weights: `[T, K]` log mixture weights (zeros when K = 1).
+    targets: `[T]` item ids in 1..V (0 = no target; its value is meaningless).
+    table: `[V, d]` embeddings of items 1..V.
+  """
+  chex.assert_rank(vectors, 3)
+  chex.assert_equal_shape_prefix((vectors, log_weights), 2)
+  chex.assert_shape(targets, vectors.shape[:1])
+  target_rows = table[jnp.maximum(targets - 1, 0)]  # [T, d]
+  target_logits = jnp.einsum("tkd,td->tk", vectors.astype(dtype), target_rows.astype(dtype),
+                             preferred_element_type=jnp.float32)
+  lse = log_normalizers(vectors, table, chunk_size, dtype)
+  return jax.nn.logsumexp(log_weights + target_logits - lse, axis=-1)
+
+
+def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
+  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1."""
+  logits = _logits(vectors, table, dtype)  # [B, K, C]
+  if vectors.shape[1] == 1:
+    return logits[:, 0]
+  return jax.nn.logsumexp((log_weights - lse)[..., None] + logits, axis=1)
+
+
+def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
+                 table: Array, chunk_size: int = 0, dtype=jnp.float32) -> Array:
+  """0-based rank of each target among all items: `[B]` int32.
+
+  The rank is the number of *other* candidate items whose score is >= the
+  target's, so ties count against the model. Items listed in `exclude` (the
+  user's history, 0-padded) are not candidates; the target itself is always
+  scored by the model, even when it also occurs in the history.
+
+  Args:
+    vectors: `[B, K, d]` user vectors at the last history position.
+    log_weights: `[B, K]`.
+    targets: `[B]` item ids in 1..V.
+    exclude: `[B, X]` item ids to drop from the ranking, 0 = none.
+    table: `[V, d]`.
+  """
+  chex.assert_rank([vectors, log_weights, targets, exclude], [3, 2, 1, 2])
+  num_items = table.shape[0]
+  batch = vectors.shape[0]
+  rows = jnp.arange(batch)[:, None]
+  lse = (log_normalizers(vectors, table, chunk_size, dtype)
+         if vectors.shape[1] > 1 else jnp.zeros(vectors.shape[:2], jnp.float32))
+  # Excluded ids that are not the target, as 0-based columns (num_items = "nowhere").
+  exclude = jnp.where((exclude > 0) & (exclude != targets[:, None]), exclude - 1, num_items)
+
+  def candidate_mask(item_ids: Array, offset) -> Array:
+    """`[B, C]`: True where the column is a real, non-excluded item other than the target."""
+    local = jnp.where((exclude >= offset) & (exclude < offset + item_ids.shape[-1]),
+                      exclude - offset, item_ids.shape[-1])
+    excluded = jnp.zeros((batch, item_ids.shape[-1]), bool).at[rows, local].set(True, mode="drop")
+    return (item_ids[None, :] > 0) & ~excluded & (item_ids[None, :] != targets[:, None])
+
+  if chunk_size <= 0 or chunk_size >= num_items:
+    scores = _mixture_scores(vectors, log_weights, lse, table, dtype)  # [B, V]
+    target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
+    candidates = candidate_mask(jnp.arange(1, num_items + 1), 0)
+    return jnp.sum(candidates & (scores >= target_score), axis=1, dtype=jnp.int32)
+
+  chunks, ids = _chunked_table(table, chunk_size)
+  offsets = jnp.arange(chunks.shape[0]) * chunk_size
+
+  def find_target(total, chunk):
+    rows_, row_ids = chunk
+    scores = _mixture_scores(vectors, log_weights, lse, rows_, dtype)
+    return total + jnp.sum(jnp.where(row_ids[None, :] == targets[:, None], scores, 0.0),
+                           axis=1), None
+
+  target_score, _ = jax.lax.scan(find_target, jnp.zeros((batch,), jnp.float32), (chunks, ids))
+
+  def count(total, chunk):
+    rows_, row_ids, offset = chunk
+    scores = _mixture_scores(vectors, log_weights, lse, rows_, dtype)
+    better = candidate_mask(row_ids, offset) & (scores >= target_score[:, None])
+    return total + jnp.sum(better, axis=1, dtype=jnp.int32), None
+
+  ranks, _ = jax.lax.scan(count, jnp.zeros((batch,), jnp.int32), (chunks, ids, offsets))
+  return ranks
+
+
+METRIC_KS = (5, 10, 20)
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+  """HR@K, NDCG@K (K = 5, 10, 20) and MRR from 0-based ranks (one relevant item each)."""
+  ranks = np.asarray(ranks, dtype=np.float64)
+  out = {}
+  for k in METRIC_KS:
+    hit = ranks < k
+    out[f"HR@{k}"] = float(hit.mean())
+    out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+  out["MRR"] = float((1.0 / (ranks + 1.0)).mean())
+  return out

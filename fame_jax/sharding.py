@@ -1,0 +1,61 @@
+"""Device mesh and shardings: batches split over 'data', parameters replicated.
+
+Batches enter as global `jax.Array`s built from each process's rows with
+`jax.make_array_from_process_local_data`, so the same code serves one process
+and many.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+def make_mesh(model_axis: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+  """A `('data', 'model')` mesh over all devices (`model_axis` devices on 'model')."""
+  devices = jax.devices() if devices is None else devices
+  if model_axis < 1 or len(devices) % model_axis:
+    raise ValueError(f"config.mesh_model_axis={model_axis} must divide the {len(devices)} devices")
+  grid = np.asarray(devices).reshape(len(devices) // model_axis, model_axis)
+  return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over 'data', the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(f"config.{field}={batch_size} must be divisible by the {n} devices "
+                     "on the 'data' mesh axis")
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Turns a host batch (the same global batch on every process) into global arrays.
+
+  Each process contributes only the rows its devices hold.
+  """
+  nproc, pid = jax.process_count(), jax.process_index()
+
+  def put(x: np.ndarray) -> jax.Array:
+    rows = x.shape[0] // nproc
+    local = x[pid * rows:(pid + 1) * rows] if nproc > 1 else x
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+  return {k: put(v) for k, v in batch.items()}
+
+
+def tree_replicated(tree: Any, mesh: Mesh) -> Any:
+  return jax.tree.map(lambda _: replicated(mesh), tree)

@@ -1,0 +1,300 @@
+"""Training: optimizer, the pure sharded train step, and the epoch loop.
+
+`train_step(state, batch, rng) -> (state, metrics)` is a pure function; it is
+jitted with explicit `NamedSharding`s (batch split over the 'data' mesh axis,
+state replicated) and the state donated. A step whose loss or gradient is not
+finite leaves the state unchanged and reports itself, so the loop can stop
+with the step number while the last good state (and checkpoint) is intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax.training import train_state as train_state_lib
+
+from fame_jax import checkpointing
+from fame_jax import data as data_lib
+from fame_jax import evaluation
+from fame_jax import model as model_lib
+from fame_jax import scoring
+from fame_jax import sharding as sharding_lib
+from fame_jax import metric_writers
+
+TrainState = train_state_lib.TrainState
+Batch = dict[str, jax.Array]
+NO_BAD_STEP = np.iinfo(np.int32).max
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/Inf; the message names the step."""
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(W) with optional linear warm-up and global-norm clipping."""
+  lr = optim.learning_rate
+  if optim.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  if optim.weight_decay > 0:
+    tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+  else:
+    tx = optax.adam(lr, b1=optim.b1, b2=optim.b2)
+  if optim.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+  return tx
+
+
+def init_train_state(model: model_lib.SequenceRecommender, tx: optax.GradientTransformation,
+                     rng: jax.Array) -> TrainState:
+  items = jnp.ones((1, model.cfg.max_len), jnp.int32)
+  params = model.init({"params": rng}, items, deterministic=True)["params"]
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Batch,
+                   rng: jax.Array | None, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Summed -log p(target) over non-padding positions, and their number."""
+  deterministic = rng is None
+  out = model.apply({"params": params}, batch["items"], deterministic=deterministic,
+                    rngs=None if deterministic else {"dropout": rng})
+  b, length, k, d = out.vectors.shape
+  targets = batch["targets"].reshape(b * length)
+  log_prob = scoring.next_item_log_prob(
+      out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
+      model_lib.item_table(params), chunk_size, model_lib.DTYPES[model.cfg.dtype])
+  weights = (targets > 0).astype(jnp.float32)
+  return -jnp.sum(log_prob * weights), jnp.sum(weights)
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+               model: model_lib.SequenceRecommender, chunk_size: int) -> tuple[TrainState, dict]:
+  """One Adam step on the mean next-item cross-entropy of the batch."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size)
+    return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
+
+  (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.apply_gradients(grads=grads)
+  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {"loss_sum": jnp.where(finite, loss_sum, 0.0), "num_targets": count,
+             "grad_norm": grad_norm,
+             "bad_step": jnp.where(finite, NO_BAD_STEP, state.step).astype(jnp.int32)}
+  return state, metrics
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run is; saved with every checkpoint so that a resume continues exactly."""
+  epoch: int = 0  # Epochs completed.
+  step_in_epoch: int = 0  # Batches of epoch `epoch` already trained on.
+  best_metric: float = -math.inf
+  best_epoch: int = -1
+  evals_without_improvement: int = 0
+  finished: bool = False
+  loss_sum: float = 0.0  # Running sums of the current epoch (for an exact resume).
+  num_targets: float = 0.0
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["best_metric"] = None if math.isinf(d["best_metric"]) else d["best_metric"]
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "Progress":
+    d = dict(d)
+    d["best_metric"] = -math.inf if d.get("best_metric") is None else d["best_metric"]
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs that follows from the config and the data."""
+  config: ml_collections.ConfigDict
+  dataset: data_lib.Dataset
+  model: model_lib.SequenceRecommender
+  mesh: jax.sharding.Mesh
+  buckets: tuple[int, ...]
+  tx: optax.GradientTransformation
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  dataset: data_lib.Dataset | None = None) -> "Experiment":
+    dataset = data_lib.load_dataset(config) if dataset is None else dataset
+    model_cfg = model_lib.model_config_from(config, dataset.num_items)
+    mesh = sharding_lib.make_mesh(config.mesh_model_axis)
+    sharding_lib.check_batch_size(config.batch_size, mesh, "batch_size")
+    sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    buckets = data_lib.bucket_lengths(config.data.length_buckets, config.data.max_len)
+    return cls(config, dataset, model_lib.build_model(model_cfg), mesh, buckets,
+               make_optimizer(config.optim))
+
+  def init_state(self) -> TrainState:
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+    init = jax.jit(functools.partial(init_train_state, self.model, self.tx),
+                   out_shardings=sharding_lib.replicated(self.mesh))
+    return init(rng)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, without computing it."""
+    shapes = jax.eval_shape(functools.partial(init_train_state, self.model, self.tx),
+                            jax.random.key(0))
+    repl = sharding_lib.replicated(self.mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+
+  def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    repl = sharding_lib.replicated(self.mesh)
+    step = functools.partial(train_step, model=self.model, chunk_size=self.config.loss_chunk_size)
+    return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharding(self.mesh), repl),
+                   out_shardings=(repl, repl), donate_argnums=(0,))
+
+  def eval_data(self, split: str) -> data_lib.EvalData:
+    return data_lib.eval_data(data_lib.eval_split(self.dataset, split), self.config.data.max_len,
+                              self.config.data.exclude_history)
+
+  def make_eval_fn(self) -> evaluation.EvalFn:
+    return evaluation.make_eval_fn(self.model, self.mesh, self.config.eval_chunk_size)
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict,
+                    allow_config_change: bool) -> None:
+  """Refuses to continue a workdir written with a different config (unless allowed)."""
+  saved = checkpointing.load_saved_config_dict(workdir)
+  if saved is None or allow_config_change:
+    return
+  diffs = checkpointing.config_differences(saved, config)
+  if diffs:
+    raise checkpointing.CheckpointError(
+        f"{os.path.join(workdir, checkpointing.CONFIG_FILE)}: the workdir was written with a "
+        f"different config ({'; '.join(diffs)}); use another --workdir, or pass "
+        "--allow_config_change to resume anyway")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False,
+                       dataset: data_lib.Dataset | None = None) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint if any), then evaluates the best state.
+
+  Returns `{"valid": metrics, "test": metrics, "progress": ...}`.
+  """
+  check_resumable(workdir, config, allow_config_change)
+  exp = Experiment.from_config(config, dataset)
+  windows = data_lib.training_windows(data_lib.train_sequences(exp.dataset), config.data.max_len)
+  valid_data = exp.eval_data("valid")
+  num_steps = data_lib.steps_per_epoch(windows, config.batch_size)
+  logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
+               "%d device(s)", exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
+               len(windows.lengths), windows.num_targets, num_steps, jax.device_count())
+
+  checkpoints = checkpointing.RunCheckpoints(workdir)
+  restored = checkpoints.restore_latest(exp.abstract_state())
+  if restored is None:
+    state, progress = exp.init_state(), Progress()
+  else:
+    state, meta = restored
+    progress = Progress.from_json(meta["progress"])
+    logging.info("Resuming from step %d (epoch %d, batch %d).", int(state.step), progress.epoch,
+                 progress.step_in_epoch)
+  checkpointing.save_config(workdir, config) if jax.process_index() == 0 else None
+
+  p_train_step = exp.jit_train_step()
+  eval_fn = exp.make_eval_fn()
+  batch_sharding = sharding_lib.batch_sharding(exp.mesh)
+  dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+  def save_latest():
+    checkpoints.save_latest(int(state.step), state, {"progress": progress.to_json()})
+
+  def check_finite(bad_step) -> None:
+    bad = int(bad_step)
+    if bad != NO_BAD_STEP:
+      checkpoints.wait()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {bad} (epoch {progress.epoch + 1}); training "
+          f"stopped, the last good checkpoint in {workdir}/checkpoints is intact")
+
+  try:
+    while not progress.finished and progress.epoch < config.num_epochs:
+      epoch_start = time.perf_counter()
+      loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
+      num_targets = jnp.asarray(progress.num_targets, jnp.float32)
+      bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
+      bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
+                      desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
+                      disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
+      batches = data_lib.train_batches(windows, config.batch_size, config.seed, progress.epoch,
+                                       exp.buckets, config.data.bucket_pool_batches,
+                                       start_step=progress.step_in_epoch)
+      for batch in batches:
+        state, metrics = p_train_step(state, sharding_lib.global_batch(batch, batch_sharding),
+                                      dropout_rng)
+        loss_sum = loss_sum + metrics["loss_sum"]
+        num_targets = num_targets + metrics["num_targets"]
+        bad_step = jnp.minimum(bad_step, metrics["bad_step"])
+        progress.step_in_epoch += 1
+        bar.update(1)
+        if progress.step_in_epoch % max(config.log_every_steps, 1) == 0:
+          check_finite(bad_step)
+          bar.set_postfix(loss=f"{float(loss_sum) / max(float(num_targets), 1.0):.4f}")
+        if (config.checkpoint_every_steps > 0
+            and int(progress.step_in_epoch) % config.checkpoint_every_steps == 0
+            and progress.step_in_epoch < num_steps):
+          check_finite(bad_step)
+          progress.loss_sum, progress.num_targets = float(loss_sum), float(num_targets)
+          save_latest()
+      bar.close()
+      check_finite(bad_step)
+      train_loss = float(loss_sum) / max(float(num_targets), 1.0)
+      train_seconds = time.perf_counter() - epoch_start
+      progress.epoch += 1
+      progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
+      record = {"epoch": progress.epoch, "step": int(state.step), "train_loss": train_loss,
+                "train_seconds": train_seconds}
+      if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
+        eval_start = time.perf_counter()
+        valid_metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data,
+                                               config.eval_batch_size, exp.buckets, exp.mesh)
+        record["eval_seconds"] = time.perf_counter() - eval_start
+        record.update({f"valid/{k}": v for k, v in valid_metrics.items()})
+        score = valid_metrics[config.early_stop_metric]
+        if score > progress.best_metric:
+          progress.best_metric, progress.best_epoch = score, progress.epoch
+          progress.evals_without_improvement = 0
+          checkpoints.save_best(int(state.step), state,
+                                {"progress": progress.to_json(), "valid": valid_metrics})
+        else:
+          progress.evals_without_improvement += 1
+          if progress.evals_without_improvement >= config.early_stop_patience:
+            progress.finished = True
+            logging.info("Early stopping: no %s improvement in %d evaluations (best %.4f at "
+                         "epoch %d).", config.early_stop_metric, config.early_stop_patience,
+                         progress.best_metric, progress.best_epoch)
+      progress.finished = progress.finished or progress.epoch >= config.num_epochs
+      save_latest()
+      writer.write(record)
+      logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in record.items()))
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+
+  from fame_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  return eval_lib.evaluate_workdir(config, workdir, experiment=exp)

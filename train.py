@@ -1,0 +1,34 @@
+"""Trains FAME or SASRec; resumes from the workdir's latest checkpoint if there is one.
+
+  python train.py --config configs/beauty.py --workdir runs/beauty \
+      --config.model.num_experts=8
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fame_jax import evaluation
+from fame_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even if its saved config differs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.set_verbosity(logging.INFO)
+  results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                         allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  print(f"best checkpoint: step {results['step']}")
+  print(evaluation.format_table({"valid": results["valid"], "test": results["test"]}))
+
+
+if __name__ == "__main__":
+  app.run(main)
