@@ -6,10 +6,10 @@
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fame_jax import evaluation
+from fame_jax import log_setup
 from fame_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  logging.set_verbosity(logging.INFO)
+  log_setup.setup()
   results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   print(f"best checkpoint: step {results['step']}")

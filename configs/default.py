@@ -23,11 +23,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = "Beauty"  # File stem in data.dir ("Beauty" -> Beauty.txt), or "synthetic".
   config.data.dir = os.environ.get("FAME_DATA_DIR", "./data")  # Where the dataset files live.
   config.data.max_len = 50  # L: the model sees at most the last L items.
-  # Training windows are padded to the smallest of these lengths that fits the
-  # batch (0 stands for max_len); a handful of static shapes, little padding.
+  # Pack several training windows end to end into each row of max_len slots
+  # (one static shape, almost no padding). A packed batch has as many rows as
+  # batch_size windows of average length need, so steps per epoch stay the same.
+  config.data.packing = True
+  # Without packing: windows are padded to the smallest of these lengths that
+  # fits the batch (0 stands for max_len). Evaluation batches always use them.
   config.data.length_buckets = (8, 16, 32, 0)
-  # Sort windows by length inside pools of this many batches before batching
-  # (1 disables bucketing; every batch then is padded to max_len).
+  # Without packing: sort windows by length inside pools of this many batches
+  # (1 disables it; every batch is then padded to its longest window's bucket).
   config.data.bucket_pool_batches = 32
   config.data.exclude_history = True  # Drop items of the user's history from the ranking.
   # Synthetic data (used only when data.name == "synthetic"): planted facets.

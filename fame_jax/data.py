@@ -212,17 +212,110 @@ def make_train_batch(windows: Windows, index: np.ndarray, batch_size: int,
   return {"items": items, "targets": targets}
 
 
-def train_batches(windows: Windows, batch_size: int, seed: int, epoch: int,
-                  buckets: tuple[int, ...], pool_batches: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """The epoch's training batches, from batch `start_step` on (for exact resume)."""
-  indices = epoch_batch_indices(windows.lengths, batch_size, seed, epoch, pool_batches)
-  for index in indices[start_step:]:
-    yield make_train_batch(windows, index, batch_size, buckets)
+def pack_rows(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[np.ndarray]:
+  """Best-fit-decreasing packing of the windows `order` into rows of `row_len` slots.
+
+  Returns the rows as arrays of window indices. Ties in length keep the order
+  of `order`, so a shuffled `order` gives a different packing.
+  """
+  by_length = order[np.argsort(-lengths[order], kind="stable")]
+  rows_with_room: list[list[int]] = [[] for _ in range(row_len + 1)]  # by free slots
+  rows: list[list[int]] = []
+  for w in by_length:
+    need = int(lengths[w])
+    for room in range(need, row_len + 1):
+      if rows_with_room[room]:
+        row = rows_with_room[room].pop()
+        break
+    else:
+      row, room = len(rows), row_len
+      rows.append([])
+    rows[row].append(int(w))
+    rows_with_room[room - need].append(row)
+  return [np.asarray(r, np.int64) for r in rows]
 
 
-def steps_per_epoch(windows: Windows, batch_size: int) -> int:
-  return -(-len(windows.lengths) // batch_size)
+def rows_per_packed_batch(windows: Windows, batch_size: int, row_len: int, multiple: int) -> int:
+  """Rows that hold `batch_size` windows of average length, rounded up to `multiple`."""
+  rows = -(-batch_size * float(windows.lengths.mean()) // row_len)
+  return int(max(multiple, -(-rows // multiple) * multiple))
+
+
+def epoch_packed_rows(lengths: np.ndarray, rows_per_batch: int, row_len: int, seed: int,
+                      epoch: int) -> list[list[np.ndarray]]:
+  """The epoch's packed batches (each a list of rows of window indices); pure in (seed, epoch)."""
+  rng = np.random.default_rng([seed, epoch])
+  rows = pack_rows(lengths, rng.permutation(len(lengths)), row_len)
+  rows = [rows[i] for i in rng.permutation(len(rows))]
+  return [rows[i:i + rows_per_batch] for i in range(0, len(rows), rows_per_batch)]
+
+
+def make_packed_batch(windows: Windows, rows: list[np.ndarray], rows_per_batch: int,
+                      row_len: int) -> dict[str, np.ndarray]:
+  """A `[rows_per_batch, row_len]` batch of windows packed end to end.
+
+  `segments` numbers the windows of a row (0 = padding) and `positions` restarts
+  at 0 for each window, so the model attends within a window only.
+  """
+  batch = {k: np.zeros((rows_per_batch, row_len), np.int32)
+           for k in ("items", "targets", "segments", "positions")}
+  for r, row in enumerate(rows):
+    offset = 0
+    for segment, w in enumerate(row, start=1):
+      n = int(windows.lengths[w])
+      batch["items"][r, offset:offset + n] = windows.inputs[w, :n]
+      batch["targets"][r, offset:offset + n] = windows.targets[w, :n]
+      batch["segments"][r, offset:offset + n] = segment
+      batch["positions"][r, offset:offset + n] = np.arange(n)
+      offset += n
+  return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How an epoch's windows become fixed-shape batches (packed or length-bucketed)."""
+  windows: Windows
+  batch_size: int  # Sequences per bucketed batch (the target mean when packing).
+  max_len: int
+  buckets: tuple[int, ...]
+  pool_batches: int
+  packing: bool
+  rows_per_batch: int  # Rows of a packed batch.
+
+  @classmethod
+  def create(cls, windows: Windows, config: ml_collections.ConfigDict,
+             row_multiple: int = 1) -> "BatchPlan":
+    max_len = config.data.max_len
+    rows = rows_per_packed_batch(windows, config.batch_size, max_len, row_multiple)
+    return cls(windows, config.batch_size, max_len,
+               bucket_lengths(config.data.length_buckets, max_len),
+               config.data.bucket_pool_batches, bool(config.data.packing), rows)
+
+  def epoch_groups(self, seed: int, epoch: int) -> list:
+    """The epoch's batches as groups of window indices (rows of them when packing)."""
+    if self.packing:
+      return epoch_packed_rows(self.windows.lengths, self.rows_per_batch, self.max_len, seed,
+                               epoch)
+    return epoch_batch_indices(self.windows.lengths, self.batch_size, seed, epoch,
+                               self.pool_batches)
+
+  def make_batch(self, group) -> dict[str, np.ndarray]:
+    if self.packing:
+      return make_packed_batch(self.windows, group, self.rows_per_batch, self.max_len)
+    batch = make_train_batch(self.windows, group, self.batch_size, self.buckets)
+    length = batch["items"].shape[1]
+    batch["segments"] = (batch["items"] > 0).astype(np.int32)
+    batch["positions"] = np.broadcast_to(np.arange(length, dtype=np.int32),
+                                         batch["items"].shape).copy()
+    return batch
+
+  def batches(self, seed: int, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """The epoch's batches from batch `start_step` on (for an exact resume)."""
+    for group in self.epoch_groups(seed, epoch)[start_step:]:
+      yield self.make_batch(group)
+
+  def steps_per_epoch(self, seed: int = 0, epoch: int = 0) -> int:
+    return len(self.epoch_groups(seed, epoch))
 
 
 # ---------------------------------------------------------------------------

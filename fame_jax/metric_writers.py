@@ -27,7 +27,7 @@ class MetricWriter:
       f.write(json.dumps(record, sort_keys=True) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, record["step"])
+        self._tb.add_scalar(key.replace("@", "_"), value, record["step"])  # TB tags: no "@".
     self._tb.flush()
 
   def close(self) -> None:

@@ -131,12 +131,15 @@ def model_config_from(config: ml_collections.ConfigDict, num_items: int) -> Mode
       gate=bool(m.gate), head_ffn_residual=m.head_ffn_residual, dtype=m.dtype)
 
 
-def attention_mask(items: Array) -> Array:
-  """Causal mask that also hides padding keys: `[B, 1, L, L]`, True = may attend."""
-  valid = items > 0
-  length = items.shape[-1]
+def attention_mask(segments: Array) -> Array:
+  """`[B, 1, L, L]`, True = may attend: causal, within the same segment, never to padding.
+
+  `segments` `[B, L]` numbers the sequences packed into a row (1, 2, ...), 0 is padding.
+  """
+  length = segments.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-  return (causal[None, :, :] & valid[:, None, :])[:, None, :, :]
+  same = segments[:, :, None] == segments[:, None, :]
+  return (causal[None] & same & (segments[:, None, :] > 0))[:, None, :, :]
 
 
 class FeedForward(nn.Module):
@@ -242,10 +245,22 @@ class SequenceRecommender(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, items: Array, *, deterministic: bool = True) -> UserVectors:
+  def __call__(self, items: Array, *, segments: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True) -> UserVectors:
+    """User vectors at every position of `items` `[B, L]` (0 = padding).
+
+    By default each row is one right-padded sequence. Several sequences may be
+    packed into a row by giving `segments` (1, 2, ... per sequence, 0 for
+    padding) and `positions` (0-based position of each item in its sequence).
+    """
     cfg = self.cfg
     chex.assert_rank(items, 2)
     batch, length = items.shape
+    if segments is None:
+      segments = (items > 0).astype(jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    chex.assert_equal_shape([items, segments, positions])
     if length > cfg.max_len:
       raise ValueError(f"sequence length {length} exceeds data.max_len={cfg.max_len}")
     dtype = DTYPES[cfg.dtype]
@@ -254,10 +269,10 @@ class SequenceRecommender(nn.Module):
                               name="item_embedding")
     position_embedding = nn.Embed(cfg.max_len, cfg.hidden_size, embedding_init=init,
                                   name="position_embedding")
-    x = item_embedding(items) + position_embedding(jnp.arange(length))[None]
+    x = item_embedding(items) + position_embedding(positions)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="input_norm")(x)
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    mask = attention_mask(items)
+    mask = attention_mask(segments)
     num_standard = cfg.num_layers - (1 if cfg.name == "fame" else 0)
     for i in range(num_standard):
       x = TransformerBlock(cfg, name=f"block_{i}")(x, mask, deterministic)

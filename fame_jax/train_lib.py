@@ -68,7 +68,8 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
                    rng: jax.Array | None, chunk_size: int) -> tuple[jax.Array, jax.Array]:
   """Summed -log p(target) over non-padding positions, and their number."""
   deterministic = rng is None
-  out = model.apply({"params": params}, batch["items"], deterministic=deterministic,
+  out = model.apply({"params": params}, batch["items"], segments=batch.get("segments"),
+                    positions=batch.get("positions"), deterministic=deterministic,
                     rngs=None if deterministic else {"dropout": rng})
   b, length, k, d = out.vectors.shape
   targets = batch["targets"].reshape(b * length)
@@ -164,6 +165,13 @@ class Experiment:
     return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharding(self.mesh), repl),
                    out_shardings=(repl, repl), donate_argnums=(0,))
 
+  def batch_plan(self) -> data_lib.BatchPlan:
+    """Training batches of this experiment (rows a multiple of the 'data' devices)."""
+    windows = data_lib.training_windows(data_lib.train_sequences(self.dataset),
+                                        self.config.data.max_len)
+    return data_lib.BatchPlan.create(windows, self.config,
+                                     row_multiple=self.mesh.shape[sharding_lib.DATA_AXIS])
+
   def eval_data(self, split: str) -> data_lib.EvalData:
     return data_lib.eval_data(data_lib.eval_split(self.dataset, split), self.config.data.max_len,
                               self.config.data.exclude_history)
@@ -195,12 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   check_resumable(workdir, config, allow_config_change)
   exp = Experiment.from_config(config, dataset)
-  windows = data_lib.training_windows(data_lib.train_sequences(exp.dataset), config.data.max_len)
+  plan = exp.batch_plan()
   valid_data = exp.eval_data("valid")
-  num_steps = data_lib.steps_per_epoch(windows, config.batch_size)
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
                "%d device(s)", exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
-               len(windows.lengths), windows.num_targets, num_steps, jax.device_count())
+               len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
+               jax.device_count())
 
   checkpoints = checkpointing.RunCheckpoints(workdir)
   restored = checkpoints.restore_latest(exp.abstract_state())
@@ -236,13 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
       num_targets = jnp.asarray(progress.num_targets, jnp.float32)
       bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
+      num_steps = plan.steps_per_epoch(config.seed, progress.epoch)
       bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
                       desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
                       disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
-      batches = data_lib.train_batches(windows, config.batch_size, config.seed, progress.epoch,
-                                       exp.buckets, config.data.bucket_pool_batches,
-                                       start_step=progress.step_in_epoch)
-      for batch in batches:
+      for batch in plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch):
         state, metrics = p_train_step(state, sharding_lib.global_batch(batch, batch_sharding),
                                       dropout_rng)
         loss_sum = loss_sum + metrics["loss_sum"]
