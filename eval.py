@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from fame_jax import checkpointing
 from fame_jax import eval_lib
 from fame_jax import evaluation
-from fame_jax import log_setup
+from fame_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional config file; must match the workdir's saved config.",
@@ -27,7 +27,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  log_setup.setup()
+  runtime.setup_logging()
+  runtime.enable_compilation_cache()
   workdir = _WORKDIR.value
   saved = checkpointing.load_config(workdir)
   if _CONFIG.value is not None:

@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fame_jax import evaluation
-from fame_jax import log_setup
+from fame_jax import runtime
 from fame_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -23,7 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  log_setup.setup()
+  runtime.setup_logging()
+  runtime.enable_compilation_cache()
   results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   print(f"best checkpoint: step {results['step']}")
