@@ -27,6 +27,9 @@ def main(argv):
   runtime.enable_compilation_cache()
   results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  if results.get("preempted"):
+    print(f"pre-empted: state saved at step {results['step']}; run the same command to resume")
+    return
   print(f"best checkpoint: step {results['step']}")
   print(evaluation.format_table({"valid": results["valid"], "test": results["test"]}))
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 CONFIG_FILE = "config.json"
 # Fields that may change between a run and its resumption or evaluation.
@@ -124,7 +125,33 @@ class RunCheckpoints:
     return restored.state, restored.meta
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    return self._restore(self.latest, None, abstract_state)
+    """The newest complete, readable "latest" checkpoint (None if there is none).
+
+    Partially written checkpoints (Orbax's temporary directories) are never
+    candidates; a finalized one that cannot be read is skipped with a warning in
+    favour of the one before it. A checkpoint that does not fit the model
+    (another config) is an error, not a reason to fall back.
+    """
+    root = os.fspath(self.latest.directory)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+      if ".orbax-checkpoint-tmp" in name:
+        logging.warning("Ignoring incomplete checkpoint %s (interrupted while being written).",
+                        os.path.join(root, name))
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        restored = self._restore(self.latest, step, abstract_state)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if i + 1 == len(steps):
+          raise CheckpointError(f"{root}/{step}: unreadable checkpoint ({type(e).__name__}: "
+                                f"{str(e)[:200]}) and no older one to fall back to") from None
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to step %d.",
+                        root, step, type(e).__name__, str(e)[:200], steps[i + 1])
+        continue
+      return restored
+    return None
 
   def restore_best(self, abstract_state: Any,
                    step: int | None = None) -> tuple[Any, dict[str, Any]] | None:

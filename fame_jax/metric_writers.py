@@ -30,6 +30,17 @@ class MetricWriter:
         self._tb.add_scalar(key.replace("@", "_"), value, record["step"])  # TB tags: no "@".
     self._tb.flush()
 
+  def truncate(self, after_epoch: int) -> None:
+    """Drops the lines of epochs after `after_epoch` (a resumed run redoes them)."""
+    if not self.enabled or not os.path.isfile(self.path):
+      return
+    records = read_metrics(os.path.dirname(self.path))
+    kept = [r for r in records if r.get("epoch", 0) <= after_epoch]
+    if len(kept) != len(records):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+      os.replace(self.path + ".tmp", self.path)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -14,6 +14,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -25,6 +27,7 @@ import optax
 import tqdm
 from absl import logging
 from flax.training import train_state as train_state_lib
+from jax.experimental import multihost_utils
 
 from fame_jax import checkpointing
 from fame_jax import data as data_lib
@@ -139,6 +142,10 @@ class Experiment:
                   dataset: data_lib.Dataset | None = None) -> "Experiment":
     dataset = data_lib.load_dataset(config) if dataset is None else dataset
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
+    if config.early_stop_metric not in scoring.metrics_from_ranks(np.zeros(1)):
+      raise model_lib.ConfigError(
+          f"config.early_stop_metric: got {config.early_stop_metric!r}, expected one of "
+          f"{sorted(scoring.metrics_from_ranks(np.zeros(1)))}")
     mesh = sharding_lib.make_mesh(config.mesh_model_axis)
     sharding_lib.check_batch_size(config.batch_size, mesh, "batch_size")
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -180,6 +187,60 @@ class Experiment:
     return evaluation.make_eval_fn(self.model, self.mesh, self.config.eval_chunk_size)
 
 
+def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
+              valid_data: data_lib.EvalData, progress: Progress,
+              checkpoints: checkpointing.RunCheckpoints) -> dict[str, float]:
+  """Validation metrics; saves the best state and advances early stopping."""
+  config = exp.config
+  start = time.perf_counter()
+  metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, config.eval_batch_size,
+                                   exp.buckets, exp.mesh)
+  score = metrics[config.early_stop_metric]
+  if score > progress.best_metric:
+    progress.best_metric, progress.best_epoch = score, progress.epoch
+    progress.evals_without_improvement = 0
+    checkpoints.save_best(int(state.step), state, {"progress": progress.to_json(), "valid": metrics})
+  else:
+    progress.evals_without_improvement += 1
+    if progress.evals_without_improvement >= config.early_stop_patience:
+      progress.finished = True
+      logging.info("Early stopping: no %s improvement in %d evaluations (best %.4f at epoch %d).",
+                   config.early_stop_metric, config.early_stop_patience, progress.best_metric,
+                   progress.best_epoch)
+  return {"eval_seconds": time.perf_counter() - start,
+          **{f"valid/{k}": v for k, v in metrics.items()}}
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step.
+
+  With several processes, all of them stop at the same step (JAX's pre-emption
+  sync point, which needs `jax.distributed.initialize`).
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+
+  def __enter__(self) -> "PreemptionWatcher":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+
 def check_resumable(workdir: str, config: ml_collections.ConfigDict,
                     allow_config_change: bool) -> None:
   """Refuses to continue a workdir written with a different config (unless allowed)."""
@@ -217,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     state, meta = restored
     progress = Progress.from_json(meta["progress"])
-    logging.info("Resuming from step %d (epoch %d, batch %d).", int(state.step), progress.epoch,
+    logging.info("Resuming from step %d (epoch %d, batch %d).", int(state.step), progress.epoch + 1,
                  progress.step_in_epoch)
   checkpointing.save_config(workdir, config) if jax.process_index() == 0 else None
 
@@ -226,9 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sharding = sharding_lib.batch_sharding(exp.mesh)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.truncate(after_epoch=progress.epoch)  # Drop lines of epochs the resume will redo.
 
   def save_latest():
-    checkpoints.save_latest(int(state.step), state, {"progress": progress.to_json()})
+    checkpoints.save_latest(host_step, state, {"progress": progress.to_json()})
 
   def check_finite(bad_step) -> None:
     bad = int(bad_step)
@@ -238,69 +300,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f"non-finite loss or gradient at step {bad} (epoch {progress.epoch + 1}); training "
           f"stopped, the last good checkpoint in {workdir}/checkpoints is intact")
 
-  try:
-    while not progress.finished and progress.epoch < config.num_epochs:
-      epoch_start = time.perf_counter()
-      loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
-      num_targets = jnp.asarray(progress.num_targets, jnp.float32)
-      bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
-      num_steps = plan.steps_per_epoch(config.seed, progress.epoch)
-      bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
-                      desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
-                      disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
-      for batch in plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch):
-        state, metrics = p_train_step(state, sharding_lib.global_batch(batch, batch_sharding),
-                                      dropout_rng)
-        loss_sum = loss_sum + metrics["loss_sum"]
-        num_targets = num_targets + metrics["num_targets"]
-        bad_step = jnp.minimum(bad_step, metrics["bad_step"])
-        progress.step_in_epoch += 1
-        bar.update(1)
-        if progress.step_in_epoch % max(config.log_every_steps, 1) == 0:
-          check_finite(bad_step)
-          bar.set_postfix(loss=f"{float(loss_sum) / max(float(num_targets), 1.0):.4f}")
-        if (config.checkpoint_every_steps > 0
-            and int(progress.step_in_epoch) % config.checkpoint_every_steps == 0
-            and progress.step_in_epoch < num_steps):
-          check_finite(bad_step)
-          progress.loss_sum, progress.num_targets = float(loss_sum), float(num_targets)
-          save_latest()
-      bar.close()
-      check_finite(bad_step)
-      train_loss = float(loss_sum) / max(float(num_targets), 1.0)
-      train_seconds = time.perf_counter() - epoch_start
-      progress.epoch += 1
-      progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
-      record = {"epoch": progress.epoch, "step": int(state.step), "train_loss": train_loss,
-                "train_seconds": train_seconds}
-      if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
-        eval_start = time.perf_counter()
-        valid_metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data,
-                                               config.eval_batch_size, exp.buckets, exp.mesh)
-        record["eval_seconds"] = time.perf_counter() - eval_start
-        record.update({f"valid/{k}": v for k, v in valid_metrics.items()})
-        score = valid_metrics[config.early_stop_metric]
-        if score > progress.best_metric:
-          progress.best_metric, progress.best_epoch = score, progress.epoch
-          progress.evals_without_improvement = 0
-          checkpoints.save_best(int(state.step), state,
-                                {"progress": progress.to_json(), "valid": valid_metrics})
-        else:
-          progress.evals_without_improvement += 1
-          if progress.evals_without_improvement >= config.early_stop_patience:
-            progress.finished = True
-            logging.info("Early stopping: no %s improvement in %d evaluations (best %.4f at "
-                         "epoch %d).", config.early_stop_metric, config.early_stop_patience,
-                         progress.best_metric, progress.best_epoch)
-      progress.finished = progress.finished or progress.epoch >= config.num_epochs
-      save_latest()
-      writer.write(record)
-      logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in record.items()))
-  finally:
-    checkpoints.wait()
-    checkpoints.close()
-    writer.close()
+  preempted = False
+  host_step = int(state.step)  # Mirrors state.step without a device sync per step.
+  with PreemptionWatcher() as preemption:
+    try:
+      while not progress.finished and progress.epoch < config.num_epochs:
+        epoch_start = time.perf_counter()
+        loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
+        num_targets = jnp.asarray(progress.num_targets, jnp.float32)
+        bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
+        num_steps = plan.steps_per_epoch(config.seed, progress.epoch)
+        bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
+                        desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
+                        disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
+        for batch in plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch):
+          state, metrics = p_train_step(state, sharding_lib.global_batch(batch, batch_sharding),
+                                        dropout_rng)
+          loss_sum = loss_sum + metrics["loss_sum"]
+          num_targets = num_targets + metrics["num_targets"]
+          bad_step = jnp.minimum(bad_step, metrics["bad_step"])
+          progress.step_in_epoch += 1
+          host_step += 1
+          bar.update(1)
+          if progress.step_in_epoch % max(config.log_every_steps, 1) == 0:
+            check_finite(bad_step)
+            bar.set_postfix(loss=f"{float(loss_sum) / max(float(num_targets), 1.0):.4f}")
+          periodic = (config.checkpoint_every_steps > 0
+                      and progress.step_in_epoch % config.checkpoint_every_steps == 0)
+          stop = preemption.reached(host_step) and progress.step_in_epoch < num_steps
+          if (periodic or stop) and progress.step_in_epoch < num_steps:
+            check_finite(bad_step)
+            progress.loss_sum, progress.num_targets = float(loss_sum), float(num_targets)
+            save_latest()
+          if stop:
+            preempted = True
+            break
+        bar.close()
+        if preempted:
+          break
+        check_finite(bad_step)
+        record = {"epoch": progress.epoch + 1, "step": host_step,
+                  "train_loss": float(loss_sum) / max(float(num_targets), 1.0),
+                  "train_seconds": time.perf_counter() - epoch_start}
+        progress.epoch += 1
+        progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
+        if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
+          record.update(_validate(exp, eval_fn, state, valid_data, progress, checkpoints))
+        progress.finished = progress.finished or progress.epoch >= config.num_epochs
+        writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
+        save_latest()
+        logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in record.items()))
+        if preemption.reached(host_step):
+          preempted = True
+          break
+    finally:
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
 
+  if preempted:
+    logging.warning("Pre-empted (SIGTERM): saved step %d (epoch %d, batch %d) in %s; run the "
+                    "same command again to resume.", int(state.step), progress.epoch + 1,
+                    progress.step_in_epoch, workdir)
+    return {"preempted": True, "step": int(state.step), "progress": progress.to_json()}
   from fame_jax import eval_lib  # pylint: disable=g-import-not-at-top
   return eval_lib.evaluate_workdir(config, workdir, experiment=exp)
