@@ -21,6 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: best).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -29,6 +33,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   runtime.setup_logging()
   runtime.enable_compilation_cache()
+  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value
   saved = checkpointing.load_config(workdir)
   if _CONFIG.value is not None:

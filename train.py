@@ -17,6 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuratio
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even if its saved config differs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,6 +29,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   runtime.setup_logging()
   runtime.enable_compilation_cache()
+  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   results = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                          allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   if results.get("preempted"):

@@ -35,3 +35,25 @@ def enable_compilation_cache() -> None:
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Starts JAX's multi-controller runtime when the run spans several processes.
+
+  Explicit flags win; otherwise `jax.distributed.initialize()` is called when
+  the environment describes a cluster it can detect on its own (SLURM, Open MPI,
+  Cloud TPU, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+  On CPU, cross-process collectives use gloo.
+  """
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  from_env = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                                           "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
+  if not explicit and not from_env:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only affects CPU devices.
+  if explicit:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  else:
+    jax.distributed.initialize()
