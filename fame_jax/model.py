@@ -44,6 +44,7 @@ COMBINE_RULES = ("logit_sum", "mixture_of_softmax")
 HEAD_FFN_RESIDUALS = ("mixture", "none")
 ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TABLE_ROW_MULTIPLE = 128
 
 
 class UserVectors(NamedTuple):
@@ -77,6 +78,12 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def table_rows(self) -> int:
+    """Rows of the item-embedding table: padding id 0, items 1..V, then unused rows up to a
+    multiple of 128, so that the table can be split evenly over up to 128 devices."""
+    return -(-(self.num_items + 1) // TABLE_ROW_MULTIPLE) * TABLE_ROW_MULTIPLE
 
   @property
   def num_vectors(self) -> int:
@@ -265,7 +272,7 @@ class SequenceRecommender(nn.Module):
       raise ValueError(f"sequence length {length} exceeds data.max_len={cfg.max_len}")
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
-    item_embedding = nn.Embed(cfg.num_items + 1, cfg.hidden_size, embedding_init=init,
+    item_embedding = nn.Embed(cfg.table_rows, cfg.hidden_size, embedding_init=init,
                               name="item_embedding")
     position_embedding = nn.Embed(cfg.max_len, cfg.hidden_size, embedding_init=init,
                                   name="position_embedding")
@@ -313,6 +320,6 @@ def build_model(cfg: ModelConfig) -> SequenceRecommender:
   return SequenceRecommender(cfg)
 
 
-def item_table(params: Any) -> Array:
-  """The `[V, d]` table of real-item embeddings from a parameter tree."""
-  return params["item_embedding"]["embedding"][1:]
+def item_table(params: Any, num_items: int) -> Array:
+  """The `[V, d]` embeddings of the real items 1..V (row i is item i + 1)."""
+  return params["item_embedding"]["embedding"][1:num_items + 1]
