@@ -59,3 +59,21 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 
 def tree_replicated(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def partition_spec(path: tuple, leaf: Any) -> P:
+  """Declared layout of one parameter (or optimizer-state) leaf, from its tree path.
+
+  The item-embedding table (and Adam's moments of it, whose paths end the same
+  way) is split by rows over 'model'; everything else is replicated.
+  """
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  if "item_embedding" in keys and getattr(leaf, "ndim", 0) == 2:
+    return P(MODEL_AXIS, None)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a train state (or params) pytree of arrays/ShapeDtypeStructs."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf)), abstract_state)

@@ -153,24 +153,31 @@ class Experiment:
     return cls(config, dataset, model_lib.build_model(model_cfg), mesh, buckets,
                make_optimizer(config.optim))
 
+  def _state_shapes(self) -> TrainState:
+    return jax.eval_shape(functools.partial(init_train_state, self.model, self.tx),
+                          jax.random.key(0))
+
+  def state_sharding(self) -> Any:
+    """Where each leaf of the train state lives (see `sharding.partition_spec`)."""
+    return sharding_lib.state_shardings(self._state_shapes(), self.mesh)
+
   def init_state(self) -> TrainState:
     rng = jax.random.fold_in(jax.random.key(self.config.seed), 0)
     init = jax.jit(functools.partial(init_train_state, self.model, self.tx),
-                   out_shardings=sharding_lib.replicated(self.mesh))
+                   out_shardings=self.state_sharding())
     return init(rng)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it."""
-    shapes = jax.eval_shape(functools.partial(init_train_state, self.model, self.tx),
-                            jax.random.key(0))
-    repl = sharding_lib.replicated(self.mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self._state_shapes(), self.state_sharding())
 
   def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-    repl = sharding_lib.replicated(self.mesh)
+    """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
+    repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
     step = functools.partial(train_step, model=self.model, chunk_size=self.config.loss_chunk_size)
-    return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharding(self.mesh), repl),
-                   out_shardings=(repl, repl), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
   def batch_plan(self) -> data_lib.BatchPlan:
     """Training batches of this experiment (rows a multiple of the 'data' devices)."""
