@@ -34,7 +34,8 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
     out = model.apply({"params": params}, batch["items"], deterministic=True)
     vectors, log_weights = last_position(out, batch["lengths"])
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
-                                model_lib.item_table(params, model.cfg.num_items), chunk_size, dtype)
+                                model_lib.item_table(params, model.cfg.num_items), chunk_size, dtype,
+                                mesh)
 
   return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh))
 

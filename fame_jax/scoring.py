@@ -10,10 +10,13 @@ the backward pass. Scores never leave the device: ranking returns only ranks.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 
@@ -24,23 +27,48 @@ def _logits(vectors: Array, table: Array, dtype) -> Array:
                     preferred_element_type=jnp.float32)
 
 
-def _chunked_table(table: Array, chunk_size: int) -> tuple[Array, Array]:
-  """Pads `[V, d]` to whole chunks: `([n, C, d], item_ids [n, C])`, ids 1..V, 0 for padding."""
-  num_items = table.shape[0]
-  num_chunks = -(-num_items // chunk_size)
-  pad = num_chunks * chunk_size - num_items
-  table = jnp.pad(table, ((0, pad), (0, 0)))
-  ids = jnp.arange(1, num_chunks * chunk_size + 1)
+class _Chunks(NamedTuple):
+  """The catalogue cut into `n` chunks of `shards x per` rows, scanned in order.
+
+  Shard `s` of the item table (rows split evenly, as a row-sharded table is
+  laid out over devices) contributes `per` of its rows to every chunk, so with
+  `shards` = devices on the 'model' axis each device scores only its own rows.
+  """
+  rows: Array  # [n, shards * per, d]
+  ids: Array  # [n, shards * per] item ids 1..V, 0 for padding rows
+  num: int
+  per: int
+  shards: int
+
+  def locate(self, item_ids: Array) -> tuple[Array, Array]:
+    """(chunk index, column within the chunk) of item ids 1..V."""
+    zero_based = item_ids - 1
+    shard, rest = zero_based // (self.num * self.per), zero_based % (self.num * self.per)
+    return rest // self.per, shard * self.per + rest % self.per
+
+
+def _chunked_table(table: Array, chunk_size: int, mesh: Mesh | None = None) -> _Chunks:
+  """Pads `[V, d]` and cuts it into `_Chunks`, sharded over 'model' if `mesh` has that axis."""
+  num_items, dim = table.shape
+  shards = mesh.shape.get("model", 1) if mesh is not None else 1
+  per = max(1, chunk_size // shards)
+  num = -(-num_items // (shards * per))
+  table = jnp.pad(table, ((0, num * shards * per - num_items), (0, 0)))
+  rows = table.reshape(shards, num, per, dim).transpose(1, 0, 2, 3)  # [n, S, per, d]
+  ids = jnp.arange(1, num * shards * per + 1).reshape(shards, num, per).transpose(1, 0, 2)
+  if shards > 1:
+    rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, P(None, "model")))
   ids = jnp.where(ids <= num_items, ids, 0)
-  return (table.reshape(num_chunks, chunk_size, -1), ids.reshape(num_chunks, chunk_size))
+  return _Chunks(rows.reshape(num, shards * per, dim), ids.reshape(num, shards * per), num, per,
+                 shards)
 
 
 def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
-                    dtype=jnp.float32) -> Array:
+                    dtype=jnp.float32, mesh: Mesh | None = None) -> Array:
   """lse_k = logsumexp_v <vectors_k, table_v> over all items: `[T, K]`."""
   if chunk_size <= 0 or chunk_size >= table.shape[0]:
     return jax.nn.logsumexp(_logits(vectors, table, dtype), axis=-1)
-  chunks, ids = _chunked_table(table, chunk_size)
+  chunks = _chunked_table(table, chunk_size, mesh)
 
   @jax.checkpoint
   def step(carry, chunk):
@@ -55,12 +83,13 @@ def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
 
   init = (jnp.full(vectors.shape[:2], jnp.finfo(jnp.float32).min, jnp.float32),
           jnp.zeros(vectors.shape[:2], jnp.float32))
-  (running_max, running_sum), _ = jax.lax.scan(step, init, (chunks, ids))
+  (running_max, running_sum), _ = jax.lax.scan(step, init, (chunks.rows, chunks.ids))
   return running_max + jnp.log(running_sum)
 
 
 def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table: Array,
-                       chunk_size: int = 0, dtype=jnp.float32) -> Array:
+                       chunk_size: int = 0, dtype=jnp.float32,
+                       mesh: Mesh | None = None) -> Array:
   """log p(target) under the mixture of K softmaxes over the whole catalogue: `[T]`.
 
   Args:
@@ -75,7 +104,7 @@ def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table
   target_rows = table[jnp.maximum(targets - 1, 0)]  # [T, d]
   target_logits = jnp.einsum("tkd,td->tk", vectors.astype(dtype), target_rows.astype(dtype),
                              preferred_element_type=jnp.float32)
-  lse = log_normalizers(vectors, table, chunk_size, dtype)
+  lse = log_normalizers(vectors, table, chunk_size, dtype, mesh)
   return jax.nn.logsumexp(log_weights + target_logits - lse, axis=-1)
 
 
@@ -88,7 +117,8 @@ def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
 
 
 def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
-                 table: Array, chunk_size: int = 0, dtype=jnp.float32) -> Array:
+                 table: Array, chunk_size: int = 0, dtype=jnp.float32,
+                 mesh: Mesh | None = None) -> Array:
   """0-based rank of each target among all items: `[B]` int32.
 
   The rank is the number of *other* candidate items whose score is >= the
@@ -102,31 +132,38 @@ def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     targets: `[B]` item ids in 1..V.
     exclude: `[B, X]` item ids to drop from the ranking, 0 = none.
     table: `[V, d]`.
+    chunk_size: items scored at a time (0 = all at once).
+    mesh: with a 'model' axis, chunks are split over it (see `_chunked_table`).
   """
   chex.assert_rank([vectors, log_weights, targets, exclude], [3, 2, 1, 2])
   num_items = table.shape[0]
   batch = vectors.shape[0]
   rows = jnp.arange(batch)[:, None]
-  lse = (log_normalizers(vectors, table, chunk_size, dtype)
+  lse = (log_normalizers(vectors, table, chunk_size, dtype, mesh)
          if vectors.shape[1] > 1 else jnp.zeros(vectors.shape[:2], jnp.float32))
-  # Excluded ids that are not the target, as 0-based columns (num_items = "nowhere").
-  exclude = jnp.where((exclude > 0) & (exclude != targets[:, None]), exclude - 1, num_items)
+  # Only excluded ids that are not the target count; the rest point nowhere.
+  exclude = jnp.where(exclude != targets[:, None], exclude, 0)
 
-  def candidate_mask(item_ids: Array, offset) -> Array:
-    """`[B, C]`: True where the column is a real, non-excluded item other than the target."""
-    local = jnp.where((exclude >= offset) & (exclude < offset + item_ids.shape[-1]),
-                      exclude - offset, item_ids.shape[-1])
-    excluded = jnp.zeros((batch, item_ids.shape[-1]), bool).at[rows, local].set(True, mode="drop")
+  def candidate_mask(item_ids: Array, excluded_columns: Array) -> Array:
+    """`[B, C]`: True where the column is a real, non-excluded item other than the target.
+
+    `excluded_columns` `[B, X]` are column indices into this chunk (out of range = none).
+    """
+    width = item_ids.shape[-1]
+    excluded = jnp.zeros((batch, width), bool).at[rows, excluded_columns].set(True, mode="drop")
     return (item_ids[None, :] > 0) & ~excluded & (item_ids[None, :] != targets[:, None])
 
   if chunk_size <= 0 or chunk_size >= num_items:
     scores = _mixture_scores(vectors, log_weights, lse, table, dtype)  # [B, V]
     target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
-    candidates = candidate_mask(jnp.arange(1, num_items + 1), 0)
+    columns = jnp.where(exclude > 0, exclude - 1, num_items)
+    candidates = candidate_mask(jnp.arange(1, num_items + 1), columns)
     return jnp.sum(candidates & (scores >= target_score), axis=1, dtype=jnp.int32)
 
-  chunks, ids = _chunked_table(table, chunk_size)
-  offsets = jnp.arange(chunks.shape[0]) * chunk_size
+  chunks = _chunked_table(table, chunk_size, mesh)
+  exclude_chunk, exclude_column = chunks.locate(exclude)
+  exclude_chunk = jnp.where(exclude > 0, exclude_chunk, -1)
+  ids, chunk_index = chunks.ids, jnp.arange(chunks.num)
 
   def find_target(total, chunk):
     rows_, row_ids = chunk
@@ -134,15 +171,17 @@ def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     return total + jnp.sum(jnp.where(row_ids[None, :] == targets[:, None], scores, 0.0),
                            axis=1), None
 
-  target_score, _ = jax.lax.scan(find_target, jnp.zeros((batch,), jnp.float32), (chunks, ids))
+  target_score, _ = jax.lax.scan(find_target, jnp.zeros((batch,), jnp.float32),
+                                 (chunks.rows, ids))
 
   def count(total, chunk):
-    rows_, row_ids, offset = chunk
+    rows_, row_ids, index = chunk
     scores = _mixture_scores(vectors, log_weights, lse, rows_, dtype)
-    better = candidate_mask(row_ids, offset) & (scores >= target_score[:, None])
+    columns = jnp.where(exclude_chunk == index, exclude_column, row_ids.shape[-1])
+    better = candidate_mask(row_ids, columns) & (scores >= target_score[:, None])
     return total + jnp.sum(better, axis=1, dtype=jnp.int32), None
 
-  ranks, _ = jax.lax.scan(count, jnp.zeros((batch,), jnp.int32), (chunks, ids, offsets))
+  ranks, _ = jax.lax.scan(count, jnp.zeros((batch,), jnp.int32), (chunks.rows, ids, chunk_index))
   return ranks
 
 

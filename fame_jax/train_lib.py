@@ -68,7 +68,8 @@ def init_train_state(model: model_lib.SequenceRecommender, tx: optax.GradientTra
 
 
 def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Batch,
-                   rng: jax.Array | None, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                   rng: jax.Array | None, chunk_size: int,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
   """Summed -log p(target) over non-padding positions, and their number."""
   deterministic = rng is None
   out = model.apply({"params": params}, batch["items"], segments=batch.get("segments"),
@@ -78,18 +79,23 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
   targets = batch["targets"].reshape(b * length)
   log_prob = scoring.next_item_log_prob(
       out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
-      model_lib.item_table(params, model.cfg.num_items), chunk_size, model_lib.DTYPES[model.cfg.dtype])
+      model_lib.item_table(params, model.cfg.num_items), chunk_size,
+      model_lib.DTYPES[model.cfg.dtype], mesh)
   weights = (targets > 0).astype(jnp.float32)
   return -jnp.sum(log_prob * weights), jnp.sum(weights)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
-               model: model_lib.SequenceRecommender, chunk_size: int) -> tuple[TrainState, dict]:
-  """One Adam step on the mean next-item cross-entropy of the batch."""
+               model: model_lib.SequenceRecommender, chunk_size: int,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict]:
+  """One Adam step on the mean next-item cross-entropy of the batch.
+
+  `mesh` only tells the chunked catalogue scoring how the item table is split.
+  """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size)
+    loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size, mesh)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
 
   (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -175,7 +181,8 @@ class Experiment:
   def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
     repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
-    step = functools.partial(train_step, model=self.model, chunk_size=self.config.loss_chunk_size)
+    step = functools.partial(train_step, model=self.model, chunk_size=self.config.loss_chunk_size,
+                             mesh=self.mesh)
     return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
