@@ -29,8 +29,10 @@ def enable_compilation_cache() -> None:
   """Keeps compiled XLA programs on disk, so a resumed or repeated run starts at once.
 
   The directory is $FAME_JAX_CACHE_DIR, default ~/.cache/fame_jax/xla; set it to
-  an empty string to turn the cache off.
+  an empty string to turn the cache off. JAX_COMPILATION_CACHE_DIR, if set, wins.
   """
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # JAX's own setting wins.
+    return
   path = os.environ.get("FAME_JAX_CACHE_DIR", os.path.expanduser("~/.cache/fame_jax/xla"))
   if path:
     jax.config.update("jax_compilation_cache_dir", path)

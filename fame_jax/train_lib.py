@@ -99,7 +99,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
 
   (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads=grads)
   state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -145,14 +145,16 @@ class Experiment:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
-                  dataset: data_lib.Dataset | None = None) -> "Experiment":
+                  dataset: data_lib.Dataset | None = None,
+                  devices: list[jax.Device] | None = None) -> "Experiment":
+    """Loads the data (unless given) and builds model, mesh (over `devices`, default all)."""
     dataset = data_lib.load_dataset(config) if dataset is None else dataset
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
     if config.early_stop_metric not in scoring.metrics_from_ranks(np.zeros(1)):
       raise model_lib.ConfigError(
           f"config.early_stop_metric: got {config.early_stop_metric!r}, expected one of "
           f"{sorted(scoring.metrics_from_ranks(np.zeros(1)))}")
-    mesh = sharding_lib.make_mesh(config.mesh_model_axis)
+    mesh = sharding_lib.make_mesh(config.mesh_model_axis, devices)
     sharding_lib.check_batch_size(config.batch_size, mesh, "batch_size")
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     buckets = data_lib.bucket_lengths(config.data.length_buckets, config.data.max_len)
