@@ -7,7 +7,8 @@ and many.
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -55,6 +56,18 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
   return {k: put(v) for k, v in batch.items()}
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Yields global batches, keeping `size` of them already transferred ahead of the step."""
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append(global_batch(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def tree_replicated(tree: Any, mesh: Mesh) -> Any:

@@ -329,9 +329,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
                         desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
                         disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
-        for batch in plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch):
-          state, metrics = p_train_step(state, sharding_lib.global_batch(batch, batch_sharding),
-                                        dropout_rng)
+        batches = sharding_lib.prefetch_to_mesh(
+            plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch),
+            batch_sharding)
+        for batch in batches:
+          state, metrics = p_train_step(state, batch, dropout_rng)
           loss_sum = loss_sum + metrics["loss_sum"]
           num_targets = num_targets + metrics["num_targets"]
           bad_step = jnp.minimum(bad_step, metrics["bad_step"])
