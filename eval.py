@@ -40,7 +40,8 @@ def main(argv):
     config = _CONFIG.value
     diffs = checkpointing.config_differences(saved.to_dict(), config)
     if diffs:
-      raise app.UsageError(f"--config does not match {workdir}/config.json: {'; '.join(diffs)}")
+      raise checkpointing.CheckpointError(
+          f"{workdir}/config.json: --config does not match the run's config: {'; '.join(diffs)}")
   else:
     config = saved
     if "FAME_DATA_DIR" in os.environ:
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(runtime.exit_on_user_error(main))

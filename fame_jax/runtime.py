@@ -2,6 +2,8 @@
 
 import logging as py_logging
 import os
+import sys
+from typing import Callable
 
 import jax
 
@@ -59,3 +61,18 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                                num_processes=num_processes, process_id=process_id)
   else:
     jax.distributed.initialize()
+
+
+def exit_on_user_error(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps an absl main: bad config, data or checkpoint exits with one line, not a traceback."""
+  from fame_jax import checkpointing, data, model, train_lib  # pylint: disable=g-import-not-at-top
+  user_errors = (model.ConfigError, data.DataError, checkpointing.CheckpointError,
+                 train_lib.NonFiniteLossError)
+
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except user_errors as e:
+      sys.exit(f"error: {e}")
+
+  return wrapped

@@ -133,6 +133,40 @@ class Progress:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def validate_training_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the first impossible training field."""
+  checks = [
+      ("batch_size", config.batch_size >= 1, ">= 1"),
+      ("eval_batch_size", config.eval_batch_size >= 1, ">= 1"),
+      ("num_epochs", config.num_epochs >= 0, ">= 0"),
+      ("eval_every_epochs", config.eval_every_epochs >= 1, ">= 1"),
+      ("early_stop_patience", config.early_stop_patience >= 1, ">= 1"),
+      ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, ">= 0"),
+      ("loss_chunk_size", config.loss_chunk_size >= 0, ">= 0"),
+      ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
+      ("optim.learning_rate", config.optim.learning_rate > 0, "> 0"),
+      ("optim.warmup_steps", config.optim.warmup_steps >= 0, ">= 0"),
+      ("optim.weight_decay", config.optim.weight_decay >= 0, ">= 0"),
+      ("optim.grad_clip_norm", config.optim.grad_clip_norm >= 0, ">= 0"),
+      ("data.max_len", config.data.max_len >= 1, ">= 1"),
+  ]
+  for field, ok, requirement in checks:
+    if not ok:
+      raise model_lib.ConfigError(
+          f"config.{field}: must be {requirement}, got {_field(config, field)!r}")
+  metrics = scoring.metrics_from_ranks(np.zeros(1))
+  if config.early_stop_metric not in metrics:
+    raise model_lib.ConfigError(f"config.early_stop_metric: got {config.early_stop_metric!r}, "
+                                f"expected one of {sorted(metrics)}")
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything a run needs that follows from the config and the data."""
@@ -150,10 +184,7 @@ class Experiment:
     """Loads the data (unless given) and builds model, mesh (over `devices`, default all)."""
     dataset = data_lib.load_dataset(config) if dataset is None else dataset
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
-    if config.early_stop_metric not in scoring.metrics_from_ranks(np.zeros(1)):
-      raise model_lib.ConfigError(
-          f"config.early_stop_metric: got {config.early_stop_metric!r}, expected one of "
-          f"{sorted(scoring.metrics_from_ranks(np.zeros(1)))}")
+    validate_training_config(config)
     mesh = sharding_lib.make_mesh(config.mesh_model_axis, devices)
     sharding_lib.check_batch_size(config.batch_size, mesh, "batch_size")
     sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
