@@ -327,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     progress = Progress.from_json(meta["progress"])
     logging.info("Resuming from step %d (epoch %d, batch %d).", int(state.step), progress.epoch + 1,
                  progress.step_in_epoch)
-  checkpointing.save_config(workdir, config) if jax.process_index() == 0 else None
+  if jax.process_index() == 0:
+    checkpointing.save_config(workdir, config)
 
   p_train_step = exp.jit_train_step()
   eval_fn = exp.make_eval_fn()
