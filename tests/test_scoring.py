@@ -1,0 +1,190 @@
+"""Full-catalogue scoring: ranks, metrics and the (chunked) next-item log-likelihood.
+
+Reference: brute-force NumPy over every item. Vectors and item tables are
+small integers where ties matter, so float32 dot products are exact and ties
+are real ties.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from fame_jax import scoring
+
+V = 37  # Catalogue size; the chunk sizes below do not divide it.
+CHUNK_SIZES = [0, 5, 16, V, 64]
+
+
+def tied_problem(k: int, seed: int = 0):
+  """Users and items with many exact ties.
+
+  Items 1..V have small-integer embeddings; items 30..37 duplicate items 1..8.
+  User 0 has all-zero vectors (every item ties: no hits). Exclusion lists hold
+  padding zeros, duplicates and, for some users, the target itself.
+  """
+  rng = np.random.default_rng(seed)
+  d, users = 6, 12
+  table = rng.integers(-2, 3, (V, d)).astype(np.float32)
+  table[29:] = table[:8]
+  vectors = rng.integers(-2, 3, (users, k, d)).astype(np.float32)
+  vectors[0] = 0.0
+  log_weights = (np.log(rng.dirichlet(np.ones(k), users)) if k > 1
+                 else np.zeros((users, 1))).astype(np.float32)
+  targets = rng.integers(1, V + 1, users).astype(np.int32)
+  targets[1] = 3  # Item 3 has a duplicate (item 32) ...
+  targets[2] = 32  # ... and the other way round.
+  exclude = np.zeros((users, 9), np.int32)
+  for u in range(users):
+    n = rng.integers(0, 8)
+    exclude[u, :n] = rng.integers(1, V + 1, n)
+  exclude[3, :4] = [targets[3], 7, 7, targets[3]]  # Target in the history, duplicates.
+  exclude[4, :3] = [targets[4], 0, 5]  # A zero in the middle.
+  exclude[5] = 0  # Nothing excluded.
+  return vectors, log_weights, targets, exclude, table
+
+
+def reference_scores(vectors, log_weights, table) -> np.ndarray:
+  """[U, V]: the plain logit for K = 1, log p(v) for K > 1 (both rank identically for K = 1)."""
+  vectors, log_weights, table = (np.asarray(a, np.float64) for a in (vectors, log_weights, table))
+  if vectors.shape[1] == 1:
+    return vectors[:, 0] @ table.T
+  return ref.mixture_log_prob(vectors, log_weights, table)
+
+
+@functools.partial(jax.jit, static_argnames="chunk_size")
+def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size):
+  return scoring.target_ranks(vectors, log_weights, targets, exclude, table, chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk_size):
+  vectors, log_weights, targets, exclude, table = tied_problem(k)
+  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=chunk_size))
+  scores = reference_scores(vectors, log_weights, table)
+  tol = 0.0 if k == 1 else 1e-5  # K = 1: exact integer scores.
+  expected = [ref.brute_force_rank(scores[u], targets[u], exclude[u], tol)
+              for u in range(len(targets))]
+  np.testing.assert_array_equal(ranks, expected)
+  # User 0 scores everything equally: every other candidate ties with the target.
+  num_candidates = V - len(set(exclude[0][exclude[0] > 0]) - {targets[0]})
+  assert ranks[0] == num_candidates - 1 > 20
+  # The duplicates of items 1..8 are tied with them and count against the target.
+  assert ranks[1] == ref.brute_force_rank(scores[1], 3, exclude[1], tol)
+  assert scores[1, 3 - 1] == scores[1, 32 - 1]
+  assert ranks[1] >= 1 or 32 in exclude[1]
+
+
+def test_target_in_history_stays_a_candidate():
+  """Excluding the target is a no-op: its score still decides its rank."""
+  vectors, log_weights, targets, _, table = tied_problem(1)
+  no_history = np.zeros((len(targets), 2), np.int32)
+  target_only = np.stack([targets, targets], axis=1)
+  for chunk_size in (0, 5):
+    a = ranks_fn(vectors, log_weights, targets, no_history, table, chunk_size=chunk_size)
+    b = ranks_fn(vectors, log_weights, targets, target_only, table, chunk_size=chunk_size)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_excluded_items_are_never_counted():
+  """Excluding every item that beats the target puts it at rank 0 (a hit at every K)."""
+  vectors, log_weights, targets, _, table = tied_problem(1, seed=4)
+  scores = reference_scores(vectors, log_weights, table)
+  for u in range(1, len(targets)):  # User 0 ties everything; skip it.
+    better = [v for v in range(1, V + 1) if v != targets[u] and scores[u, v - 1] >= scores[u, targets[u] - 1]]
+    exclude = np.zeros((1, V), np.int32)
+    exclude[0, :len(better)] = better
+    for chunk_size in (0, 5):
+      rank = ranks_fn(vectors[u:u + 1], log_weights[u:u + 1], targets[u:u + 1], exclude, table,
+                      chunk_size=chunk_size)
+      assert int(rank[0]) == 0
+
+
+def test_all_equal_scores_give_no_hits():
+  vectors = np.zeros((4, 1, 3), np.float32)
+  table = np.ones((V, 3), np.float32)
+  targets = np.array([1, 2, 3, V], np.int32)
+  ranks = np.asarray(ranks_fn(vectors, np.zeros((4, 1), np.float32), targets,
+                              np.zeros((4, 1), np.int32), table, chunk_size=0))
+  np.testing.assert_array_equal(ranks, V - 1)
+  metrics = scoring.metrics_from_ranks(ranks)
+  assert all(metrics[f"{m}@{k}"] == 0.0 for m in ("HR", "NDCG") for k in (5, 10, 20))
+
+
+def test_metrics_from_ranks_equal_brute_force():
+  rng = np.random.default_rng(0)
+  ranks = np.concatenate([rng.integers(0, 40, 500), [0, 4, 5, 9, 10, 19, 20]])
+  metrics = scoring.metrics_from_ranks(ranks)
+  expected = ref.brute_force_metrics(list(ranks))
+  assert set(metrics) == set(expected)
+  for name, value in expected.items():
+    assert metrics[name] == pytest.approx(value, rel=1e-12), name
+  # A single user ranked first scores 1 everywhere; ranked exactly K is a miss at K.
+  assert scoring.metrics_from_ranks(np.array([0])) == pytest.approx(
+      {**{f"{m}@{k}": 1.0 for m in ("HR", "NDCG") for k in (5, 10, 20)}, "MRR": 1.0})
+  assert scoring.metrics_from_ranks(np.array([10]))["HR@10"] == 0.0
+  assert scoring.metrics_from_ranks(np.array([9]))["NDCG@10"] == pytest.approx(1 / np.log2(11))
+
+
+def random_loss_problem(k: int, seed: int = 1):
+  rng = np.random.default_rng(seed)
+  t, d = 11, 8
+  vectors = rng.normal(size=(t, k, d)).astype(np.float32)
+  log_weights = (np.log(rng.dirichlet(np.ones(k), t)) if k > 1 else np.zeros((t, 1))).astype(np.float32)
+  targets = rng.integers(1, V + 1, t).astype(np.int32)
+  targets[-2:] = 0  # No target: value meaningless, but must be finite.
+  table = rng.normal(size=(V, d)).astype(np.float32)
+  return vectors, log_weights, targets, table
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_next_item_log_prob_matches_numpy_and_chunking_changes_nothing(k):
+  vectors, log_weights, targets, table = random_loss_problem(k)
+  expected = ref.mixture_log_prob(vectors.astype(np.float64), log_weights.astype(np.float64),
+                                  table.astype(np.float64))
+  expected = expected[np.arange(len(targets)), np.maximum(targets, 1) - 1]
+
+  def loss(vectors, log_weights, table, chunk_size):
+    log_p = scoring.next_item_log_prob(vectors, log_weights, jnp.asarray(targets), table, chunk_size)
+    return -jnp.sum(jnp.where(targets > 0, log_p, 0.0)), log_p
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                    static_argnums=3)
+  (value0, log_p0), grads0 = grad_fn(vectors, log_weights, table, 0)
+  valid = targets > 0
+  np.testing.assert_allclose(log_p0[valid], expected[valid], rtol=1e-5, atol=1e-5)
+  assert np.isfinite(np.asarray(log_p0)).all()
+  for chunk_size in (5, 16):
+    (value, log_p), grads = grad_fn(vectors, log_weights, table, chunk_size)
+    np.testing.assert_allclose(log_p[valid], log_p0[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, value0, rtol=1e-5)
+    for g, g0 in zip(grads, grads0):
+      np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(grads[2])).max() > 0  # The item table does get a gradient.
+
+
+def test_next_item_log_prob_gradient_matches_numpy_softmax_gradient():
+  """d(-log p(y))/d logits = softmax - onehot for K = 1, checked on the user vectors."""
+  vectors, log_weights, targets, table = random_loss_problem(1, seed=2)
+  targets = np.maximum(targets, 1)
+  grad = jax.grad(lambda v: -scoring.next_item_log_prob(
+      v, log_weights, jnp.asarray(targets), table, chunk_size=5).sum())(vectors)
+  logits = vectors[:, 0].astype(np.float64) @ table.T.astype(np.float64)
+  probs = ref.softmax(logits)
+  probs[np.arange(len(targets)), targets - 1] -= 1.0
+  np.testing.assert_allclose(grad[:, 0], probs @ table.astype(np.float64), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_log_normalizers_are_stable_for_large_logits(chunk_size):
+  vectors = np.full((2, 1, 1), 1000.0, np.float32)
+  table = np.linspace(-1, 1, V, dtype=np.float32)[:, None]
+  lse = np.asarray(scoring.log_normalizers(jnp.asarray(vectors), jnp.asarray(table), chunk_size))
+  expected = ref.logsumexp(1000.0 * table[:, 0].astype(np.float64))
+  np.testing.assert_allclose(lse, expected, rtol=1e-6)
