@@ -90,13 +90,25 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, keep_latest: int = 2):
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True)
-    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
-    self.best = ocp.CheckpointManager(
-        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def options(name: str, max_to_keep: int) -> ocp.CheckpointManagerOptions:
+      # Both managers save at the same step at the end of an epoch; with several
+      # processes their barriers must have distinct names, or they collide and hang.
+      return ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=f"fame_jax_{name}"))
+
+    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
+                                        options=options("latest", keep_latest))
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options("best", 1))
 
   @staticmethod
   def _save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    if step in manager.all_steps():
+      # A resumed run redoing a step whose checkpoint exists (an unreadable latest one it fell
+      # back from, or a best one saved just before a crash): replace it.
+      manager.delete(step)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -130,7 +142,10 @@ class RunCheckpoints:
     Partially written checkpoints (Orbax's temporary directories) are never
     candidates; a finalized one that cannot be read is skipped with a warning in
     favour of the one before it. A checkpoint that does not fit the model
-    (another config) is an error, not a reason to fall back.
+    (another config) is an error, not a reason to fall back: it is raised when no
+    older checkpoint fits either (TensorStore reports some damaged files as the
+    same ValueError as a shape mismatch, so only an older checkpoint that does
+    restore tells the two apart).
     """
     root = os.fspath(self.latest.directory)
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -138,20 +153,24 @@ class RunCheckpoints:
         logging.warning("Ignoring incomplete checkpoint %s (interrupted while being written).",
                         os.path.join(root, name))
     steps = sorted(self.latest.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    failed: list[tuple[int, Exception]] = []
+    for step in steps:
       try:
         restored = self._restore(self.latest, step, abstract_state)
-      except CheckpointError:
-        raise
       except Exception as e:  # pylint: disable=broad-except
-        if i + 1 == len(steps):
-          raise CheckpointError(f"{root}/{step}: unreadable checkpoint ({type(e).__name__}: "
-                                f"{str(e)[:200]}) and no older one to fall back to") from None
-        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to step %d.",
-                        root, step, type(e).__name__, str(e)[:200], steps[i + 1])
+        failed.append((step, e))
         continue
+      for bad_step, e in failed:
+        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to step %d.",
+                        root, bad_step, type(e).__name__, str(e)[:200], step)
       return restored
-    return None
+    if not failed:
+      return None
+    step, e = failed[0]
+    if isinstance(e, CheckpointError):
+      raise e
+    raise CheckpointError(f"{root}/{step}: unreadable checkpoint ({type(e).__name__}: "
+                          f"{str(e)[:200]}) and no older readable one to fall back to") from None
 
   def restore_best(self, abstract_state: Any,
                    step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
