@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention_dropout = 0.5  # Dropout on attention probabilities.
   config.model.activation = "gelu"  # FFN activation: "gelu" (RecBole) or "relu" (SASRec).
   config.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (RecBole's value).
-  config.model.init_std = 0.02  # Std of the truncated-normal weight init.
+  config.model.init_std = 0.02  # Std of the normal weight init (RecBole's).
   # Eq. 11: "logit_sum" (score = sum_h g_h s_h, softmax CE) or
   # "mixture_of_softmax" (p = sum_h g_h softmax(s_h), -log p).
   config.model.combine = "logit_sum"

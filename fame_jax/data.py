@@ -6,8 +6,8 @@ items in chronological order, positive integer ids, item 0 reserved for padding.
 Training batches are right-padded: position 0 holds a sequence's first item,
 as in SASRec / RecBole, and every non-padding position carries the next item
 as its target. A training sequence longer than `max_len` is cut into windows
-so that every target is predicted exactly once, each with as much context as
-fits (see `training_windows`). Batches are drawn in an order that is a pure
+so that every target is predicted exactly once (see `training_windows`; a
+window's first targets see only the items since the window began). Batches are drawn in an order that is a pure
 function of (seed, epoch), padded to one of a few static lengths.
 """
 
@@ -139,7 +139,9 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> Windows:
   A sequence `s` gives inputs `s[:-1]` and targets `s[1:]`. When there are more
   than `max_len` of them, windows end at max_len, 2 max_len, ... and at the
   end; each window is the `max_len` inputs before its end, and only targets not
-  already covered by an earlier window keep a loss.
+  already covered by an earlier window keep a loss. The context of a target is
+  the part of its window before it (the last window overlaps the one before, so
+  its new targets see up to `max_len` items; a middle window starts afresh).
   """
   inputs, targets, lengths = [], [], []
   for seq in sequences:

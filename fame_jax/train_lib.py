@@ -64,7 +64,9 @@ def init_train_state(model: model_lib.SequenceRecommender, tx: optax.GradientTra
                      rng: jax.Array) -> TrainState:
   items = jnp.ones((1, model.cfg.max_len), jnp.int32)
   params = model.init({"params": rng}, items, deterministic=True)["params"]
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  # A strongly typed step, like a restored one, so a resumed run reuses the compiled step.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Batch,
@@ -117,7 +119,7 @@ class Progress:
   best_metric: float = -math.inf
   best_epoch: int = -1
   evals_without_improvement: int = 0
-  finished: bool = False
+  finished: bool = False  # Early-stopped; reaching num_epochs is not final (more may be asked).
   loss_sum: float = 0.0  # Running sums of the current epoch (for an exact resume).
   num_targets: float = 0.0
 
@@ -396,7 +398,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
         if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
           record.update(_validate(exp, eval_fn, state, valid_data, progress, checkpoints))
-        progress.finished = progress.finished or progress.epoch >= config.num_epochs
         writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
         save_latest()
         logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -158,10 +158,6 @@ def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkey
   assert results["valid"] == reference["valid"] and results["test"] == reference["test"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fame_jax/train_lib.py marks a run finished when it reaches num_epochs "
-    "(progress.finished = ... or progress.epoch >= config.num_epochs) and never clears it, so "
-    "a later run with a larger num_epochs does nothing"))
 def test_more_epochs_on_a_finished_workdir_resume_training(config, reference_run, tmp_path):
   reference_dir, _ = reference_run
   workdir = str(tmp_path / "run")
