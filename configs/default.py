@@ -58,11 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.activation = "gelu"  # FFN activation: "gelu" (RecBole) or "relu" (SASRec).
   config.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (RecBole's value).
   config.model.init_std = 0.02  # Std of the normal weight init (RecBole's).
-  # Eq. 11: "logit_sum" (score = sum_h g_h s_h, softmax CE) or
-  # "mixture_of_softmax" (p = sum_h g_h softmax(s_h), -log p).
-  config.model.combine = "logit_sum"
+  # Eq. 11: "mixture_of_softmax" (p = sum_h g_h softmax(s_h), -log p) or
+  # "logit_sum" (score = sum_h g_h s_h, softmax CE). Chosen by measurement:
+  # docs/open_points.md.
+  config.model.combine = "mixture_of_softmax"
   config.model.gate = True  # Learned head gate (Eq. 10); False = uniform 1/H (ablation).
-  # Residual of FFN' (Eq. 7): "mixture" adds f^(h), "none" has no residual.
+  # Residual of FFN' (Eq. 7): "mixture" adds f^(h), "none" has no residual
+  # (measured worse: docs/open_points.md).
   config.model.head_ffn_residual = "mixture"
   config.model.dtype = "float32"  # Activation/matmul dtype ("bfloat16" on GPU/TPU); params stay float32.
 
