@@ -22,7 +22,7 @@ def test_shipped_configs_are_valid(name):
   config = load_config(name)
   cfg = model_lib.model_config_from(config, num_items=1000)
   assert cfg.hidden_size % cfg.num_heads == 0
-  assert cfg.num_vectors == 1  # logit_sum by default.
+  assert cfg.num_vectors == cfg.num_heads  # mixture_of_softmax by default (docs/open_points.md).
   if name not in ("default", "synthetic"):
     assert config.data.name.lower()[:4] == name[:4]
 
