@@ -1,0 +1,692 @@
+r"""fame-jax vs a plain PyTorch FAME: training-epoch and full-ranking-evaluation time.
+
+  python benchmarks/bench.py --dataset beauty --out bench_beauty.json
+  python benchmarks/bench.py --dataset beauty --max_steps 8 --eval_users 2048 --out quick.json
+
+In one process, on one machine and on the SAME batches of the dataset (epoch 0
+of `fame_jax.data`, the dataset config's defaults, batch 256), it measures:
+
+1. the float32 matmul peak of the machine (best jnp.dot of 2048^3 .. 4096^3);
+2. fame-jax FAME and SASRec (`Experiment.init_state / jit_train_step /
+   make_eval_fn`, `fame_jax.evaluation.evaluate`): a training epoch on the
+   batches fame-jax's training loop draws (packed rows when
+   `config.data.packing`, else length-bucketed padded rows), and a full-ranking
+   evaluation pass over the validation users; also FAME on the padded batches;
+3. benchmarks/torch_reference.py, the same FAME in PyTorch, eager and
+   `torch.compile`d, from the same initial parameters (the Flax init, loaded),
+   with the same Adam, on the padded `[B, L]` batches a PyTorch user would run
+   (and, eager, on fame-jax's packed batches); the same full-ranking evaluation;
+4. a parity check: the deterministic (no dropout) loss of a padded and of a
+   packed batch under the trained fame-jax FAME parameters, fame-jax vs torch,
+   and how many evaluation ranks agree;
+5. peak RSS (resource.getrusage).
+
+Compile time is excluded from every epoch and evaluation time and reported
+apart: every distinct batch shape is run twice first (compile = first call -
+second call), and the first evaluation pass compiles.
+
+The machine may be shared (load average in the JSON), so the runs are
+INTERLEAVED: step i of every run, then step i+1, ...; each step is timed to
+completion (block_until_ready / eager torch), and an epoch time is the sum of
+its steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds,
+best pass kept. Noise from other processes then hits every run alike, and the
+ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
+fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
+`matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
+counting only the FLOPs the real (non-padding) tokens need (`forward_flops`),
+over the matmul peak.
+
+With `--max_steps N` only the first N batches of the epoch are timed and each
+epoch time is extrapolated by padded positions (a step's cost is dominated by
+the `[B*L, V]` output layer, linear in B*L); `--eval_users N` times evaluation
+on N evenly spaced validation users and scales by users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+
+from fame_jax import data as data_lib  # pylint: disable=wrong-import-position
+from fame_jax import evaluation  # pylint: disable=wrong-import-position
+from fame_jax import scoring  # pylint: disable=wrong-import-position
+from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
+from fame_jax import train_lib  # pylint: disable=wrong-import-position
+
+DATASET_CONFIGS = {"beauty": "beauty", "sports": "sports", "toys": "toys", "yelp": "yelp"}
+
+
+def rss_mb() -> float:
+  """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# FLOP counts (multiply-add = 2 FLOPs; only real tokens; embeddings free).
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+  """What a set of batches asks of the model."""
+  steps: int
+  tokens_in: int  # Non-padding input positions.
+  tokens_target: int  # Positions with a loss (target > 0).
+  attended_pairs: int  # Sum over real tokens of the real keys it attends to (causal).
+  padded_positions: int  # B * L summed over batches (what the step actually computes).
+
+  @classmethod
+  def of(cls, batches: list[dict[str, np.ndarray]]) -> "TokenStats":
+    lengths = np.concatenate([sequence_lengths(b) for b in batches]).astype(np.int64)
+    return cls(steps=len(batches), tokens_in=int(lengths.sum()),
+               tokens_target=int(sum(int((b["targets"] > 0).sum()) for b in batches)),
+               attended_pairs=int((lengths * (lengths + 1) // 2).sum()),
+               padded_positions=int(sum(b["items"].size for b in batches)))
+
+
+def sequence_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """Lengths of the sequences of a batch, padded (one per row) or packed (`segments`)."""
+  items = batch["items"]
+  segments = batch.get("segments", (items > 0).astype(np.int32))
+  width = int(segments.max()) + 1
+  keys = (np.arange(items.shape[0])[:, None] * width + segments).reshape(-1)
+  counts = np.bincount(keys, minlength=items.shape[0] * width).reshape(items.shape[0], width)
+  counts = counts[:, 1:].reshape(-1)
+  return counts[counts > 0]
+
+
+def forward_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
+  """Forward FLOPs of FAME / SASRec on the real tokens, by component.
+
+  T = real input tokens, S = attended (query, key) pairs of real tokens
+  (sum of n(n+1)/2 over sequences of n real items), Y = positions with a target,
+  d = hidden, H = heads, d' = d/H, N = experts, f = FFN inner size,
+  f' = FFN' inner size, V = catalogue size, K = user vectors per position
+  (1 for SASRec and FAME "logit_sum", H for FAME "mixture_of_softmax").
+  Per standard block:
+      Q,K,V,O projections      8 T d^2
+      scores + weighted sum    4 S d
+      FFN                      4 T d f
+  FAME layer (all H heads):
+      shared K, V              4 T d^2               (H * 2 * 2 d d')
+      N expert queries         2 T d^2 N             (H * 2 d N d')
+      expert attention         4 S d N               (H * N * (2 S d' + 2 S d'))
+      router (Eq. 16)          2 T d N^2             (H * 2 (N d') N)
+      expert mixture (Eq. 17)  2 T d N
+      FFN' (shared by heads)   4 T d f'              (H * 4 d' f')
+      gate (Eq. 10)            2 T d H
+      item projection (Eq. 9)  2 T d^2               (user side: H * 2 d' d)
+      head combination         2 T d H               ("logit_sum" only)
+  Output layer (full catalogue)  2 Y d V K
+  LayerNorm, softmax, GELU, the log-sum-exp and Adam are not counted (not FLOPs
+  of a matmul); neither are padding positions, which the step does compute.
+  """
+  d, h, n, v = cfg.hidden_size, cfg.num_heads, cfg.num_experts, cfg.num_items
+  T, S, Y = t.tokens_in, t.attended_pairs, t.tokens_target
+  fame = cfg.name == "fame"
+  k = h if fame and cfg.combine == "mixture_of_softmax" else 1
+  num_standard = cfg.num_layers - (1 if fame else 0)
+  out = {
+      "standard_blocks": num_standard * (8 * T * d * d + 4 * S * d + 4 * T * d * cfg.ffn_size),
+      "output_layer": 2 * Y * d * v * k,
+  }
+  if fame:
+    out["fame_layer"] = (4 * T * d * d + 2 * T * d * d * n + 4 * S * d * n + 2 * T * d * n * n
+                         + 2 * T * d * n + 4 * T * d * cfg.head_ffn_size
+                         + 2 * T * d * h + 2 * T * d * d + (2 * T * d * h if k == 1 else 0))
+  return {key: float(x) for key, x in out.items()}
+
+
+def train_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
+  """Forward + backward = 3 x forward (backward: gradients w.r.t. inputs and weights)."""
+  fwd = forward_flops(cfg, t)
+  out = {k: 3.0 * x for k, x in fwd.items()}
+  out["total"] = sum(out.values())
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Matmul peak.
+
+
+def matmul_peak(sizes: list[int], repeats: int) -> dict[str, Any]:
+  """Best float32 jnp.dot rate over sizes x repeats (GFLOP/s)."""
+  dot = jax.jit(jnp.dot)
+  per_size = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      dot(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    per_size[str(n)] = 2.0 * n ** 3 / best / 1e9
+  return {"gflops": max(per_size.values()), "per_size_gflops": per_size}
+
+
+def torch_matmul_peak(sizes: list[int], repeats: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  best_rate = 0.0
+  for n in sizes:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      torch.mm(a, b)
+      best_rate = max(best_rate, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+  return best_rate
+
+
+# ---------------------------------------------------------------------------
+# Runs: one model in one framework on one batch layout, stepped one batch at a time.
+
+
+def first_of_each_shape(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+  seen, out = set(), []
+  for b in batches:
+    if b["items"].shape not in seen:
+      seen.add(b["items"].shape)
+      out.append(b)
+  return out
+
+
+class Run:
+  """Common bookkeeping; subclasses implement `step` (blocking) and optionally `eval_pass`."""
+  has_eval = False
+
+  def __init__(self, key: str, label: str, layout: str, cfg: Any):
+    self.key, self.label, self.layout, self.cfg = key, label, layout, cfg
+    self.step_s: list[float] = []
+    self.loss_sum, self.num_targets = 0.0, 0.0
+    self.compile_s = self.warmup_s = 0.0
+    self.eval_s: list[float] = []
+    self.eval_first_s = None
+    self.eval_result = None
+
+  def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
+    raise NotImplementedError
+
+  def eval_pass(self, data: data_lib.EvalData) -> tuple[dict[str, float], np.ndarray]:
+    raise NotImplementedError
+
+  def warm_up(self, batches: list[dict[str, np.ndarray]]) -> None:
+    t_start = time.perf_counter()
+    for b in batches:
+      t0 = time.perf_counter()
+      self.step(b)
+      t1 = time.perf_counter()
+      self.step(b)
+      t2 = time.perf_counter()
+      self.compile_s += max(0.0, (t1 - t0) - (t2 - t1))
+    self.warmup_s = time.perf_counter() - t_start
+
+  def timed_step(self, batch: dict[str, np.ndarray]) -> None:
+    t0 = time.perf_counter()
+    loss_sum, count = self.step(batch)
+    self.step_s.append(time.perf_counter() - t0)
+    self.loss_sum += loss_sum
+    self.num_targets += count
+
+  def timed_eval(self, data: data_lib.EvalData) -> None:
+    t0 = time.perf_counter()
+    self.eval_result = self.eval_pass(data)
+    dt = time.perf_counter() - t0
+    if self.eval_first_s is None:
+      self.eval_first_s = dt  # Compiles.
+    else:
+      self.eval_s.append(dt)
+
+
+class JaxRun(Run):
+  """fame-jax: Experiment.init_state / jit_train_step / make_eval_fn + evaluation.evaluate."""
+
+  def __init__(self, key, label, layout, exp: train_lib.Experiment, has_eval: bool):
+    super().__init__(key, label, layout, exp.model.cfg)
+    self.exp, self.has_eval = exp, has_eval
+    self.state = exp.init_state()
+    self.p_step = exp.jit_train_step()
+    self.sharding = sharding_lib.batch_sharding(exp.mesh)
+    self.rng = jax.random.fold_in(jax.random.key(exp.config.seed), 1)  # As the training loop.
+    self.eval_fn = exp.make_eval_fn() if has_eval else None
+
+  def step(self, batch):
+    self.state, metrics = self.p_step(self.state, sharding_lib.global_batch(batch, self.sharding),
+                                      self.rng)
+    jax.block_until_ready((self.state, metrics))
+    return float(metrics["loss_sum"]), float(metrics["num_targets"])
+
+  def eval_pass(self, data):
+    exp = self.exp
+    return evaluation.evaluate(self.eval_fn, self.state.params, data, exp.config.eval_batch_size,
+                               exp.buckets, exp.mesh)
+
+
+class TorchRun(Run):
+  """benchmarks/torch_reference.py, eager or torch.compile'd, with torch.optim.Adam."""
+
+  def __init__(self, key, label, layout, cfg, init_params, lr: float, compile_: bool,
+               literal: bool, buckets, eval_batch_size: int, has_eval: bool):
+    super().__init__(key, label, layout, cfg)
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    self.torch, self.has_eval = torch, has_eval
+    self.module = torch_reference.SequenceRecommender(cfg, literal_item_projection=literal)
+    torch_reference.load_flax_params(self.module, init_params)
+    self.module.train()
+    # optax.adam(1e-3): b1 0.9, b2 0.999, eps 1e-8; PyTorch's default (foreach) implementation.
+    self.opt = torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    self.loss_fn = torch.compile(self.module.loss, dynamic=False) if compile_ else self.module.loss
+    self.keys = ("items", "targets") + (("segments", "positions") if layout == "packed" else ())
+    self.buckets, self.eval_batch_size = buckets, eval_batch_size
+    if has_eval:  # Evaluated on fame-jax's trained parameters (set_eval_params), for the ranks.
+      self.eval_module = torch_reference.SequenceRecommender(cfg, literal_item_projection=literal)
+      self.eval_module.eval()
+      self.rank_fn = (torch.compile(self.eval_module.ranks, dynamic=False) if compile_
+                      else self.eval_module.ranks)
+
+  def set_eval_params(self, params) -> None:
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    torch_reference.load_flax_params(self.eval_module, params)
+
+  def step(self, batch):
+    torch = self.torch
+    inputs = {k: torch.from_numpy(batch[k]).long() for k in self.keys}
+    self.opt.zero_grad(set_to_none=True)
+    loss = self.loss_fn(**inputs)
+    loss.backward()
+    self.opt.step()
+    count = float((batch["targets"] > 0).sum())
+    return float(loss.detach()) * count, count
+
+  def eval_pass(self, data):
+    torch = self.torch
+    ranks = np.empty(len(data.targets), np.int64)
+    with torch.inference_mode():
+      for batch, index in data_lib.eval_batches(data, self.eval_batch_size, self.buckets):
+        t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+        ranks[index] = self.rank_fn(t["items"], t["lengths"], t["targets"],
+                                    t["exclude"])[:len(index)].numpy()
+    return scoring.metrics_from_ranks(ranks), ranks
+
+
+def parity(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Deterministic loss of `batch` under `params`: fame-jax vs the torch reference."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(exp.model, p, b, None,
+                                                          exp.config.loss_chunk_size))
+  loss_sum, count = loss_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
+  jax_loss = float(loss_sum) / float(count)
+  module = torch_reference.SequenceRecommender(exp.model.cfg)
+  torch_reference.load_flax_params(module, jax.device_get(params))
+  module.eval()
+  with torch.no_grad():
+    torch_loss = float(module.loss(**{k: torch.from_numpy(v).long() for k, v in batch.items()}))
+  return {"jax_loss": jax_loss, "torch_loss": torch_loss,
+          "rel_diff": abs(jax_loss - torch_loss) / abs(jax_loss),
+          "batch_shape": list(batch["items"].shape)}
+
+
+# ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+          "platform": platform.platform(), "jax_devices": [str(d) for d in jax.devices()],
+          "load_avg_start": os.getloadavg()}
+  for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+    try:
+      info[mod] = importlib.import_module(mod).__version__
+    except ImportError:
+      info[mod] = None
+  try:
+    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                        text=True, check=True).stdout.strip()
+    info["fame_jax_uncommitted_changes"] = bool(subprocess.run(
+        ["git", "status", "--porcelain", "fame_jax", "configs"], cwd=REPO, capture_output=True,
+        text=True, check=True).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):  # Not a git checkout (e.g. an exported copy).
+    info["git_commit"] = os.environ.get("FAME_BENCH_GIT_COMMIT")
+  return info
+
+
+def epoch_batches(exp: train_lib.Experiment) -> list[dict[str, np.ndarray]]:
+  """Epoch 0's training batches, exactly as fame-jax's training loop draws them."""
+  config = exp.config
+  if hasattr(exp, "batch_plan"):
+    return list(exp.batch_plan().batches(config.seed, 0))
+  windows = data_lib.training_windows(data_lib.train_sequences(exp.dataset), config.data.max_len)
+  return list(data_lib.train_batches(windows, config.batch_size, config.seed, 0, exp.buckets,
+                                     config.data.bucket_pool_batches))
+
+
+def with_overrides(config, **overrides):
+  config = config.copy_and_resolve_references()
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", default="beauty", choices=sorted(DATASET_CONFIGS))
+  parser.add_argument("--data_dir", default=os.environ.get(
+      "FAME_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data")),
+      help="Folder with the dataset files (default $FAME_DATA_DIR, else ../shared/data).")
+  parser.add_argument("--out", default=None, help="JSON file for the results.")
+  parser.add_argument("--max_steps", type=int, default=0,
+                      help="Time only the first N batches of the epoch and extrapolate (0 = all).")
+  parser.add_argument("--eval_users", type=int, default=0,
+                      help="Time evaluation on N evenly spaced validation users and scale (0 = all).")
+  parser.add_argument("--eval_repeats", type=int, default=2,
+                      help="Timed evaluation passes per run (after the compiling one); best kept.")
+  parser.add_argument("--skip_torch", action="store_true", help="fame-jax only.")
+  parser.add_argument("--skip_torch_compile", action="store_true")
+  parser.add_argument("--skip_sasrec", action="store_true")
+  parser.add_argument("--skip_same_batches", action="store_true",
+                      help="When fame-jax packs: skip fame-jax on padded batches and torch on "
+                           "packed ones.")
+  parser.add_argument("--skip_torch_compile_packed", action="store_true",
+                      help="Skip torch.compile on fame-jax's packed batches.")
+  parser.add_argument("--torch_literal_eq9", action="store_true",
+                      help="Torch FAME projects the item table per head (Eq. 9 as written).")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                      help="torch.set_num_threads (default: all cores).")
+  parser.add_argument("--keep_compile_caches", action="store_true",
+                      help="Let JAX / TorchInductor use their persistent compile caches (default: "
+                           "cold compiles, so that compile times are honest).")
+  parser.add_argument("--matmul_sizes", default="2048,3072,4096")
+  parser.add_argument("--matmul_repeats", type=int, default=5)
+  return parser.parse_args(argv)
+
+
+def cold_compile_caches(keep: bool) -> dict[str, Any]:
+  """Compile times are measured cold: no persistent XLA cache, a fresh TorchInductor cache dir."""
+  jax.config.update("jax_enable_compilation_cache", keep)
+  if not keep:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fame_bench_inductor_")
+  return {"compile_caches": "kept" if keep else "cold",
+          "torchinductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  caches = cold_compile_caches(args.keep_compile_caches)
+  config = importlib.import_module(f"configs.{DATASET_CONFIGS[args.dataset]}").get_config()
+  config.data.dir = args.data_dir
+  info = machine_info()
+  log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_avg_start']}, jax "
+      f"{info['jax']} on {info['jax_devices']}, torch {info['torch']}")
+
+  # --- Data: the same batches for everybody.
+  exp_fame = train_lib.Experiment.from_config(config)
+  dataset = exp_fame.dataset
+  packs = bool(config.data.get("packing", False))
+  default_layout = "packed" if packs else "padded"
+  exp_fame_padded = (exp_fame if not packs else train_lib.Experiment.from_config(
+      with_overrides(config, **{"data.packing": False}), dataset))
+  layouts = {default_layout: epoch_batches(exp_fame), "padded": epoch_batches(exp_fame_padded)}
+  stats = {k: TokenStats.of(v) for k, v in layouts.items()}
+  timed = {k: v[:args.max_steps] if args.max_steps > 0 else v for k, v in layouts.items()}
+  if packs:  # Packing moves windows around; it must not change what the epoch asks for.
+    a, b = stats["packed"], stats["padded"]
+    assert (a.tokens_in, a.tokens_target, a.attended_pairs) == (
+        b.tokens_in, b.tokens_target, b.attended_pairs), (a, b)
+  valid = exp_fame.eval_data("valid")
+  num_valid = len(valid.targets)
+  if 0 < args.eval_users < num_valid:
+    keep = np.unique(np.linspace(0, num_valid - 1, args.eval_users).round().astype(int))
+    valid = data_lib.EvalData(valid.items[keep], valid.lengths[keep], valid.targets[keep],
+                              valid.exclude[keep])
+  eval_scale = num_valid / len(valid.targets)
+  shapes = {k: {"x".join(map(str, s)): n for s, n in sorted(
+      collections.Counter(b["items"].shape for b in v).items())} for k, v in layouts.items()}
+  steps = len(layouts[default_layout])
+  num_timed = len(timed[default_layout])
+  log(f"{dataset.name}: {dataset.num_users} users, {dataset.num_items} items, "
+      f"{stats[default_layout].tokens_target} targets, {steps} steps/epoch; batch shapes {shapes}; "
+      f"timing {num_timed} steps, {len(valid.targets)}/{num_valid} validation users")
+  results: dict[str, Any] = {
+      "dataset": dataset.name, "num_users": dataset.num_users, "num_items": dataset.num_items,
+      "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
+      "fame_jax_layout": default_layout, "batch_shapes": shapes, "steps_per_epoch": steps,
+      "timed_steps": num_timed, "extrapolated": num_timed < steps,
+      "epoch_tokens": {k: dataclasses.asdict(v) for k, v in stats.items()},
+      "eval_users": num_valid, "eval_users_timed": len(valid.targets), "machine": info,
+      "rss_mb_after": {}, "runs": {}, "command": " ".join(["python"] + sys.argv), **caches,
+  }
+  results["rss_mb_after"]["setup"] = rss_mb()
+
+  # --- Matmul peak (before anything else runs; measured again at the end, best kept).
+  sizes = [int(s) for s in args.matmul_sizes.split(",")]
+  peak = matmul_peak(sizes, args.matmul_repeats)
+  results["matmul_peak_gflops"] = peak["gflops"]
+  results["matmul_peak_per_size_gflops"] = peak["per_size_gflops"]
+  log(f"float32 matmul peak (jnp.dot): {peak['gflops']:.1f} GFLOP/s {peak['per_size_gflops']}")
+
+  # --- The runs.
+  runs: list[Run] = [JaxRun("fame", "fame-jax FAME", default_layout, exp_fame, True)]
+  if not args.skip_sasrec:
+    exp_sas = train_lib.Experiment.from_config(with_overrides(config, **{"model.name": "sasrec"}),
+                                               dataset)
+    runs.append(JaxRun("sasrec", "fame-jax SASRec", default_layout, exp_sas, True))
+  if packs and not args.skip_same_batches:
+    runs.append(JaxRun("fame_padded", "fame-jax FAME", "padded", exp_fame_padded, False))
+  if not args.skip_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(args.threads)
+    results["torch_threads"] = torch.get_num_threads()
+    results["torch_matmul_peak_gflops"] = torch_matmul_peak(sizes, max(2, args.matmul_repeats // 2))
+    log(f"float32 matmul peak (torch.mm, MKL): {results['torch_matmul_peak_gflops']:.1f} GFLOP/s")
+    init_params = jax.device_get(runs[0].state.params)  # The same initial FAME parameters.
+    common = dict(cfg=exp_fame.model.cfg, init_params=init_params,
+                  lr=config.optim.learning_rate, literal=args.torch_literal_eq9,
+                  buckets=exp_fame.buckets, eval_batch_size=config.eval_batch_size)
+    runs.append(TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False,
+                         has_eval=True, **common))
+    if not args.skip_torch_compile:
+      runs.append(TorchRun("torch_compile", "torch.compile FAME", "padded", compile_=True,
+                           has_eval=True, **common))
+    if packs and not args.skip_same_batches:
+      runs.append(TorchRun("torch_eager_packed", "torch eager FAME", "packed", compile_=False,
+                           has_eval=False, **common))
+      if not (args.skip_torch_compile_packed or args.skip_torch_compile):
+        runs.append(TorchRun("torch_compile_packed", "torch.compile FAME", "packed",
+                             compile_=True, has_eval=False, **common))
+
+  # Warm-up (compiles every shape), run by run.
+  for run in runs:
+    log(f"{run.label} [{run.layout}]: warm-up / compile")
+    run.warm_up(first_of_each_shape(layouts[run.layout]))
+    results["rss_mb_after"][f"warmup_{run.key}"] = rss_mb()
+    log(f"  compile {run.compile_s:.1f}s (warm-up {run.warmup_s:.1f}s)")
+
+  # The epoch, interleaved: step i of every run, then step i + 1.
+  log(f"interleaved epoch: {num_timed} steps x {len(runs)} runs")
+  t_epoch = time.perf_counter()
+  for i in range(num_timed):
+    for j in range(len(runs)):
+      run = runs[(i + j) % len(runs)]  # Rotate who goes first.
+      run.timed_step(timed[run.layout][i])
+    if (i + 1) % 10 == 0 or i + 1 == num_timed:
+      results["machine"].setdefault("load_avg_1min_during_epoch", []).append(os.getloadavg()[0])
+      log(f"  step {i + 1}/{num_timed} ({time.perf_counter() - t_epoch:.0f}s, load "
+          f"{os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{r.key} {sum(r.step_s):.1f}s" for r in runs))
+  results["rss_mb_after"]["epoch"] = rss_mb()
+
+  # Evaluation: the compiling pass, then interleaved timed passes.
+  eval_runs = [r for r in runs if r.has_eval]
+  for run in eval_runs:
+    if isinstance(run, TorchRun):
+      run.set_eval_params(jax.device_get(runs[0].state.params))
+    log(f"{run.label}: evaluation (first pass, compiles)")
+    run.timed_eval(valid)
+  for rep in range(args.eval_repeats):
+    for j in range(len(eval_runs)):
+      eval_runs[(rep + j) % len(eval_runs)].timed_eval(valid)
+    log(f"  evaluation round {rep + 1}/{args.eval_repeats}: "
+        + ", ".join(f"{r.key} {r.eval_s[-1]:.1f}s" for r in eval_runs))
+  results["rss_mb_after"]["eval"] = rss_mb()
+
+  # The matmul peak again: a burst of load during the first measurement must not inflate the
+  # fractions. The best of the two is the machine's peak.
+  peak_end = matmul_peak(sizes, args.matmul_repeats)
+  results["matmul_peak_start_gflops"] = peak["gflops"]
+  results["matmul_peak_end_gflops"] = peak_end["gflops"]
+  if peak_end["gflops"] > peak["gflops"]:
+    peak = peak_end
+  results["matmul_peak_gflops"] = peak["gflops"]
+  results["matmul_peak_per_size_gflops"] = peak["per_size_gflops"]
+  log(f"float32 matmul peak (jnp.dot) again: {peak_end['gflops']:.1f} GFLOP/s; using "
+      f"{peak['gflops']:.1f}")
+
+  # --- Results per run.
+  fame_ranks = runs[0].eval_result[1]
+  for run in runs:
+    flops = train_flops(run.cfg, stats[run.layout])
+    timed_s = sum(run.step_s)
+    positions = sum(b["items"].size for b in timed[run.layout])
+    epoch_s = timed_s * stats[run.layout].padded_positions / positions
+    r = {"label": run.label, "layout": run.layout, "epoch_s": epoch_s, "timed_s": timed_s,
+         "timed_steps": len(run.step_s), "compile_s": run.compile_s, "warmup_s": run.warmup_s,
+         "step_s_median": float(np.median(run.step_s)),
+         "train_loss": run.loss_sum / max(run.num_targets, 1.0),
+         "train_flops_per_epoch": flops, "achieved_gflops": flops["total"] / epoch_s / 1e9,
+         "targets_per_s": stats[run.layout].tokens_target / epoch_s}
+    r["matmul_peak_fraction"] = r["achieved_gflops"] / peak["gflops"]
+    results[f"{run.key}_epoch_s"] = epoch_s
+    results[f"{run.key}_compile_s"] = run.compile_s
+    if run.has_eval:
+      metrics, ranks = run.eval_result
+      r["eval_s"] = min(run.eval_s) * eval_scale if run.eval_s else None
+      r["eval_passes_s"] = run.eval_s
+      r["eval_compile_s"] = max(0.0, run.eval_first_s - min(run.eval_s or [run.eval_first_s]))
+      r["valid_metrics"] = metrics
+      if isinstance(run, TorchRun):
+        r["eval_on_params_of"] = "fame-jax FAME after the timed epoch"
+        r["eval_ranks_equal_to_fame_jax"] = float(np.mean(ranks == fame_ranks))
+      results[f"{run.key}_eval_s"] = r["eval_s"]
+      results[f"{run.key}_eval_compile_s"] = r["eval_compile_s"]
+    results["runs"][run.key] = r
+  results["matmul_peak_fraction"] = results["runs"]["fame"]["matmul_peak_fraction"]
+
+  def ratio(name, num, den):
+    if results.get(num) is not None and results.get(den):
+      results[name] = results[num] / results[den]
+
+  ratio("speedup_vs_torch_eager", "torch_eager_epoch_s", "fame_epoch_s")
+  ratio("speedup_vs_torch_compile", "torch_compile_epoch_s", "fame_epoch_s")
+  ratio("speedup_vs_torch_eager_same_batches", "torch_eager_packed_epoch_s", "fame_epoch_s")
+  ratio("speedup_vs_torch_compile_same_batches", "torch_compile_packed_epoch_s", "fame_epoch_s")
+  ratio("speedup_padded_batches_vs_torch_eager", "torch_eager_epoch_s", "fame_padded_epoch_s")
+  ratio("packing_speedup", "fame_padded_epoch_s", "fame_epoch_s")
+  ratio("eval_speedup_vs_torch", "torch_eager_eval_s", "fame_eval_s")
+  ratio("eval_speedup_vs_torch_compile", "torch_compile_eval_s", "fame_eval_s")
+  for key in ("torch_eager_epoch_s", "torch_compile_epoch_s", "speedup_vs_torch_eager",
+              "eval_speedup_vs_torch"):
+    results.setdefault(key, None)
+
+  # --- Parity on the trained parameters: the longest padded batch, and a packed one.
+  if not args.skip_torch:
+    longest = max(layouts["padded"],
+                  key=lambda b: b["items"].shape[1] * 10 ** 6 + int((b["targets"] > 0).sum()))
+    checks = {"padded": {k: longest[k] for k in ("items", "targets")}}
+    if packs:
+      checks["packed"] = layouts["packed"][0]
+    results["parity"] = {k: parity(exp_fame, runs[0].state.params, b) for k, b in checks.items()}
+    results["parity_max_rel_diff"] = max(p["rel_diff"] for p in results["parity"].values())
+
+  results["peak_rss_mb"] = rss_mb()
+  results["machine"]["load_avg_end"] = os.getloadavg()
+  if not args.keep_compile_caches:
+    shutil.rmtree(caches["torchinductor_cache_dir"], ignore_errors=True)
+  print_table(results)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True, default=float)
+    log(f"wrote {args.out}")
+  return results
+
+
+def print_table(r: dict[str, Any]) -> None:
+  def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+  ext = " (extrapolated from %d timed steps)" % r["timed_steps"] if r["extrapolated"] else ""
+  m = r["machine"]
+  print(f"\n{r['dataset']}: {r['steps_per_epoch']} steps/epoch{ext}, {r['eval_users']} validation "
+        f"users; {m['cpu']}, {m['cores']} cores; load avg {m['load_avg_start'][0]:.1f} -> "
+        f"{m['load_avg_end'][0]:.1f}")
+  print(f"{'':20} {'batches':>7} {'epoch s':>8} {'compile s':>9} {'eval s':>7} {'ev.cmp s':>8} "
+        f"{'loss':>7} {'GFLOP/s':>8} {'of peak':>7}")
+  for run in r["runs"].values():
+    print(f"{run['label']:20} {run['layout']:>7} {fmt(run['epoch_s']):>8} "
+          f"{fmt(run['compile_s'], '.1f'):>9} {fmt(run.get('eval_s')):>7} "
+          f"{fmt(run.get('eval_compile_s'), '.1f'):>8} {fmt(run['train_loss'], '.4f'):>7} "
+          f"{fmt(run['achieved_gflops'], '.1f'):>8} {fmt(100 * run['matmul_peak_fraction'], '.1f'):>6}%")
+  print(f"matmul peak (jnp.dot f32): {r['matmul_peak_gflops']:.1f} GFLOP/s"
+        + (f" (torch.mm: {r['torch_matmul_peak_gflops']:.1f})" if "torch_matmul_peak_gflops" in r
+           else "")
+        + f"; FAME real FLOPs/epoch {r['runs']['fame']['train_flops_per_epoch']['total'] / 1e12:.3f} T")
+  ratios = [("speedup_vs_torch_eager", "train vs torch eager (padded batches)"),
+            ("speedup_vs_torch_compile", "train vs torch.compile (padded batches)"),
+            ("speedup_vs_torch_eager_same_batches", "train vs torch eager on the same packed batches"),
+            ("speedup_vs_torch_compile_same_batches", "train vs torch.compile on the same packed batches"),
+            ("speedup_padded_batches_vs_torch_eager", "train, both on padded batches, vs torch eager"),
+            ("packing_speedup", "packing vs padded batches (fame-jax FAME)"),
+            ("eval_speedup_vs_torch", "eval vs torch eager"),
+            ("eval_speedup_vs_torch_compile", "eval vs torch.compile")]
+  for key, text in ratios:
+    if r.get(key) is not None:
+      print(f"  fame-jax speedup, {text}: {r[key]:.2f}x")
+  for k, p in r.get("parity", {}).items():
+    print(f"loss parity ({k} batch {p['batch_shape']}, same params, no dropout): jax "
+          f"{p['jax_loss']:.6f} vs torch {p['torch_loss']:.6f}, rel diff {p['rel_diff']:.1e}")
+  for run in r["runs"].values():
+    if "eval_ranks_equal_to_fame_jax" in run:
+      print(f"{run['label']}: evaluation ranks equal to fame-jax's (same params) for "
+            f"{100 * run['eval_ranks_equal_to_fame_jax']:.2f}% of users")
+  print(f"peak RSS {r['peak_rss_mb']:.0f} MiB (after: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_mb_after"].items()) + ")")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,184 @@
+r"""Where a fame-jax training step spends its time, next to the same pieces in PyTorch.
+
+  python benchmarks/step_breakdown.py --dataset beauty [--model sasrec] [--repeats 15]
+
+On one training batch of the dataset config's defaults (the first batch of epoch
+0, as fame-jax draws it), times (best of --repeats, the variants interleaved):
+
+  step          Experiment.jit_train_step(): loss, gradients, Adam
+  loss_grad     value_and_grad of train_lib.next_item_loss (dropout on)
+  body_grad     the network without the output layer: grad of sum(vectors**2)
+  output_grad   the output layer alone: grad of scoring.next_item_log_prob w.r.t.
+                the user vectors and the item table (full-catalogue cross-entropy)
+  output_fwd    the same, forward only
+  logits_fwd    the logits matmul alone, [T*K, d] x [d, V]
+  torch_*       the same output layer in PyTorch, eager and torch.compile'd
+
+and lists the catalogue-sized ([..., V]) buffers of the compiled train step's
+optimized HLO, i.e. how many passes over T x V memory XLA makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+
+from fame_jax import model as model_lib  # pylint: disable=wrong-import-position
+from fame_jax import scoring  # pylint: disable=wrong-import-position
+from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
+from fame_jax import train_lib  # pylint: disable=wrong-import-position
+
+import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--dataset", default="beauty", choices=sorted(bench.DATASET_CONFIGS))
+  parser.add_argument("--data_dir", default=os.environ.get(
+      "FAME_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data")))
+  parser.add_argument("--model", default=None, help="Override config.model.name.")
+  parser.add_argument("--combine", default=None, help="Override config.model.combine.")
+  parser.add_argument("--padded", action="store_true", help="config.data.packing=False.")
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--skip_torch", action="store_true")
+  args = parser.parse_args()
+
+  config = importlib.import_module(f"configs.{bench.DATASET_CONFIGS[args.dataset]}").get_config()
+  config.data.dir = args.data_dir
+  if args.model:
+    config.model.name = args.model
+  if args.combine:
+    config.model.combine = args.combine
+  if args.padded:
+    config.data.packing = False
+  exp = train_lib.Experiment.from_config(config)
+  cfg = exp.model.cfg
+  batch = bench.epoch_batches(exp)[0]
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  state = exp.init_state()
+  params = jax.device_get(state.params)
+  rng = jax.random.key(0)
+  num_pos = batch["items"].size
+  k = cfg.num_vectors
+  num_items = cfg.num_items
+  table = jnp.asarray(params["item_embedding"]["embedding"][1:num_items + 1])
+  targets = jbatch["targets"].reshape(-1)
+  vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.hidden_size))
+  log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
+  print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k}: batch "
+        f"{batch['items'].shape}, {int((batch['targets'] > 0).sum())} targets, V={num_items}, "
+        f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
+
+  fns = {}
+  p_step = exp.jit_train_step()
+  sharding = sharding_lib.batch_sharding(exp.mesh)
+  box = {"state": state}
+
+  def step():
+    box["state"], metrics = p_step(box["state"], sharding_lib.global_batch(batch, sharding), rng)
+    return box["state"], metrics
+
+  fns["step"] = step
+
+  def loss(p, b, r):
+    s, c = train_lib.next_item_loss(exp.model, p, b, r, config.loss_chunk_size)
+    return s / c
+
+  loss_grad = jax.jit(jax.value_and_grad(loss))
+  fns["loss_grad"] = lambda: loss_grad(params, jbatch, rng)
+
+  def body(p, b, r):
+    out = exp.model.apply({"params": p}, b["items"], segments=b.get("segments"),
+                          positions=b.get("positions"), deterministic=False,
+                          rngs={"dropout": r})
+    return jnp.sum(out.vectors ** 2)
+
+  body_grad = jax.jit(jax.grad(body))
+  fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
+
+  def output(v, t):
+    lp = scoring.next_item_log_prob(v, log_w, targets, t, config.loss_chunk_size)
+    return -jnp.sum(lp * (targets > 0))
+
+  output_grad = jax.jit(jax.grad(output, argnums=(0, 1)))
+  output_fwd = jax.jit(output)
+  logits_fwd = jax.jit(lambda v, t: v.reshape(-1, v.shape[-1]) @ t.T)
+  fns["output_grad"] = lambda: output_grad(vectors, table)
+  fns["output_fwd"] = lambda: output_fwd(vectors, table)
+  fns["logits_fwd"] = lambda: logits_fwd(vectors, table)
+
+  if not args.skip_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(os.cpu_count())
+    tv = torch.from_numpy(np.asarray(vectors)).requires_grad_()
+    tt = torch.from_numpy(np.asarray(table)).requires_grad_()
+    tlw = torch.from_numpy(np.asarray(log_w))
+    labels = torch.from_numpy(np.asarray(targets)).long() - 1
+
+    def torch_output(v, t):
+      logits = v @ t.T  # [T, K, V]
+      if k == 1:
+        return F.cross_entropy(logits[:, 0], labels, ignore_index=-1, reduction="sum")
+      lp = torch.log_softmax(logits, dim=-1).gather(
+          -1, labels.clamp(min=0)[:, None, None].expand(-1, k, 1))[..., 0]
+      return -(torch.logsumexp(tlw + lp, dim=-1) * (labels >= 0)).sum()
+
+    compiled = torch.compile(torch_output, dynamic=False)
+
+    def run_torch(fn):
+      def go():
+        tv.grad = tt.grad = None
+        fn(tv, tt).backward()
+      return go
+
+    fns["torch_eager_output_grad"] = run_torch(torch_output)
+    fns["torch_compile_output_grad"] = run_torch(compiled)
+
+  for fn in fns.values():  # Compile / warm up.
+    jax.block_until_ready(fn())
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for i in range(args.repeats):
+    names = list(fns)
+    for j in range(len(names)):
+      name = names[(i + j) % len(names)]
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[name]())
+      times[name].append(time.perf_counter() - t0)
+  step_s = min(times["step"])
+  print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7}")
+  for name, ts in times.items():
+    print(f"{name:26} {1e3 * min(ts):8.1f} {1e3 * np.median(ts):9.1f} {100 * min(ts) / step_s:6.0f}%")
+
+  hlo = p_step.lower(box["state"], sharding_lib.global_batch(batch, sharding), rng).compile().as_text()
+  big = re.compile(r"^\s*(?:ROOT )?%(\S+) = (f32|bf16|pred|s32)\[([\d,]*)\][^ ]* (fusion|dot|copy|"
+                   r"transpose|reduce|exponential|multiply|subtract|add|select|broadcast)\(")
+  entries = []
+  entry = hlo[hlo.index("ENTRY"):]
+  for line in entry.splitlines():
+    m = big.match(line)
+    if m and num_items in [int(x) for x in m.group(3).split(",") if x]:
+      kind = re.search(r'kind=(\w+)', line)
+      entries.append(f"{m.group(1)} {m.group(2)}[{m.group(3)}] {m.group(4)}"
+                     + (f" {kind.group(1)}" if kind else ""))
+  print(f"\ncatalogue-sized buffers written by the train step ({len(entries)}):")
+  for e in entries:
+    print("  " + e)
+
+
+if __name__ == "__main__":
+  main()
