@@ -70,10 +70,6 @@ def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSh
     yield queue.popleft()
 
 
-def tree_replicated(tree: Any, mesh: Mesh) -> Any:
-  return jax.tree.map(lambda _: replicated(mesh), tree)
-
-
 def partition_spec(path: tuple, leaf: Any) -> P:
   """Declared layout of one parameter (or optimizer-state) leaf, from its tree path.
 
