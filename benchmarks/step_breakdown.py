@@ -124,9 +124,9 @@ def main() -> None:
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
-    tv = torch.from_numpy(np.asarray(vectors)).requires_grad_()
-    tt = torch.from_numpy(np.asarray(table)).requires_grad_()
-    tlw = torch.from_numpy(np.asarray(log_w))
+    tv = torch.from_numpy(np.array(vectors)).requires_grad_()
+    tt = torch.from_numpy(np.array(table)).requires_grad_()
+    tlw = torch.from_numpy(np.array(log_w))
     labels = torch.from_numpy(np.asarray(targets)).long() - 1
 
     def torch_output(v, t):
