@@ -182,7 +182,7 @@ class TransformerBlock(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     h = nn.MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, qkv_features=cfg.hidden_size,
-        out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout,
+        out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
         kernel_init=init, dtype=dtype, name="attention")(
             x, mask=mask, deterministic=deterministic)
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
