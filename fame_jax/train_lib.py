@@ -359,12 +359,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
         num_targets = jnp.asarray(progress.num_targets, jnp.float32)
         bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
-        num_steps = plan.steps_per_epoch(config.seed, progress.epoch)
+        groups = plan.epoch_groups(config.seed, progress.epoch)  # Packed once per epoch.
+        num_steps = len(groups)
         bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
                         desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
                         disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
         batches = sharding_lib.prefetch_to_mesh(
-            plan.batches(config.seed, progress.epoch, start_step=progress.step_in_epoch),
+            (plan.make_batch(g) for g in groups[progress.step_in_epoch:]),
             batch_sharding)
         for batch in batches:
           state, metrics = p_train_step(state, batch, dropout_rng)
