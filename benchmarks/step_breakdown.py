@@ -52,6 +52,8 @@ def main() -> None:
   parser.add_argument("--model", default=None, help="Override config.model.name.")
   parser.add_argument("--combine", default=None, help="Override config.model.combine.")
   parser.add_argument("--padded", action="store_true", help="config.data.packing=False.")
+  parser.add_argument("--loss_chunk_size", type=int, default=None,
+                      help="Override config.loss_chunk_size (0 = materialised logits).")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args()
@@ -64,6 +66,8 @@ def main() -> None:
     config.model.combine = args.combine
   if args.padded:
     config.data.packing = False
+  if args.loss_chunk_size is not None:
+    config.loss_chunk_size = args.loss_chunk_size
   exp = train_lib.Experiment.from_config(config)
   cfg = exp.model.cfg
   batch = bench.epoch_batches(exp)[0]
@@ -78,7 +82,8 @@ def main() -> None:
   targets = jbatch["targets"].reshape(-1)
   vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.hidden_size))
   log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
-  print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k}: batch "
+  print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k} "
+        f"loss_chunk_size={config.loss_chunk_size}: batch "
         f"{batch['items'].shape}, {int((batch['targets'] > 0).sum())} targets, V={num_items}, "
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
 

@@ -17,22 +17,17 @@ from fame_jax import sharding as sharding_lib
 EvalFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
-def last_position(out: model_lib.UserVectors, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """User vectors `[B, K, d]` and log-weights `[B, K]` at each row's last item."""
-  idx = (lengths - 1)[:, None]
-  vectors = jnp.take_along_axis(out.vectors, idx[:, :, None, None], axis=1)[:, 0]
-  log_weights = jnp.take_along_axis(out.log_weights, idx[:, :, None], axis=1)[:, 0]
-  return vectors, log_weights
-
-
 def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                  chunk_size: int = 0) -> EvalFn:
   """A jitted `(params, batch) -> ranks [B]` with the batch sharded over 'data'."""
   dtype = model_lib.DTYPES[model.cfg.dtype]
 
   def eval_step(params, batch):
-    out = model.apply({"params": params}, batch["items"], deterministic=True)
-    vectors, log_weights = last_position(out, batch["lengths"])
+    # The last layer runs at each history's last item only.
+    rows = jnp.arange(batch["items"].shape[0])
+    out = model.apply({"params": params}, batch["items"], deterministic=True,
+                      output_at=(rows, batch["lengths"] - 1))
+    vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
                                 model_lib.item_table(params, model.cfg.num_items), chunk_size, dtype,
                                 mesh)

@@ -176,7 +176,9 @@ class TransformerBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool,
+               context: Array | None = None) -> Array:
+    """`x` `[B, Lq, d]` attends to `context` `[B, L, d]` (default: `x` itself) under `mask`."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
@@ -184,7 +186,7 @@ class TransformerBlock(nn.Module):
         num_heads=cfg.num_heads, qkv_features=cfg.hidden_size,
         out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
         kernel_init=init, dtype=dtype, name="attention")(
-            x, mask=mask, deterministic=deterministic)
+            x, context, mask=mask, deterministic=deterministic)
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(x + h)
     return FeedForward(cfg.ffn_size, cfg.activation, cfg.dropout, cfg.layer_norm_eps,
@@ -195,23 +197,24 @@ class ExpertAttentionHead(nn.Module):
   """One FAME head (Eq. 14-17): N query experts over a shared K/V, then a router.
 
   Written for a single head; `FameLayer` maps it over heads with `nn.vmap`.
-  Returns the expert mixture f^(h): `[B, L, d']`.
+  Queries come from `x` `[B, Lq, d]`, keys and values from `context` `[B, L, d]`
+  (the same tensor in training). Returns the expert mixture f^(h): `[B, Lq, d']`.
   """
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, context: Array, mask: Array) -> Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
     d_head, n_exp = cfg.head_dim, cfg.num_experts
-    key = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="key")(x)  # [B, L, d']
-    value = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="value")(x)  # [B, L, d']
+    key = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="key")(context)  # [B, L, d']
+    value = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="value")(context)  # [B, L, d']
     query = nn.DenseGeneral((n_exp, d_head), kernel_init=init, dtype=dtype,
-                            name="query")(x)  # [B, L, N, d']
+                            name="query")(x)  # [B, Lq, N, d']
     logits = jnp.einsum("blnk,bmk->bnlm", query, key) / math.sqrt(d_head)
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)  # mask [B, 1, L, L]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)  # mask [B, 1, Lq, L]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
     experts = jnp.einsum("bnlm,bmk->blnk", probs, value)  # f^(h,n): [B, L, N, d']
@@ -231,15 +234,15 @@ class FameLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, context: Array, mask: Array, deterministic: bool) -> Array:
     cfg = self.cfg
     heads = nn.vmap(
         ExpertAttentionHead,
-        in_axes=(None, None), out_axes=2, axis_size=cfg.num_heads,
+        in_axes=(None, None, None), out_axes=2, axis_size=cfg.num_heads,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
     )(cfg, deterministic, name="heads")
-    mixed = heads(x, mask)  # [B, L, H, d']
+    mixed = heads(x, context, mask)  # [B, Lq, H, d']
     # Eq. 7: FFN' on d' dimensions, shared by all heads (it acts on the last axis).
     return FeedForward(cfg.head_ffn_size, cfg.activation, cfg.dropout, cfg.layer_norm_eps,
                        cfg.init_std, DTYPES[cfg.dtype],
@@ -253,12 +256,18 @@ class SequenceRecommender(nn.Module):
 
   @nn.compact
   def __call__(self, items: Array, *, segments: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> UserVectors:
+               positions: Array | None = None, deterministic: bool = True,
+               output_at: tuple[Array, Array] | None = None) -> UserVectors:
     """User vectors at every position of `items` `[B, L]` (0 = padding).
 
     By default each row is one right-padded sequence. Several sequences may be
     packed into a row by giving `segments` (1, 2, ... per sequence, 0 for
     padding) and `positions` (0-based position of each item in its sequence).
+
+    `output_at = (rows, columns)`, both `[U]`, asks for the user vectors at
+    those U slots only (evaluation: each history's last item), returned as
+    `[U, 1, K, d]`. The last layer then runs its queries, FFN and heads at
+    those slots alone; its keys and values still see the whole row.
     """
     cfg = self.cfg
     chex.assert_rank(items, 2)
@@ -281,24 +290,37 @@ class SequenceRecommender(nn.Module):
     x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     mask = attention_mask(segments)
     num_standard = cfg.num_layers - (1 if cfg.name == "fame" else 0)
-    for i in range(num_standard):
+    last_layer = "fame_layer" if cfg.name == "fame" else f"block_{num_standard - 1}"
+    for i in range(num_standard - (cfg.name == "sasrec" and output_at is not None)):
       x = TransformerBlock(cfg, name=f"block_{i}")(x, mask, deterministic)
+    context = x
+    if output_at is not None:  # The last layer queries from the requested slots only.
+      rows, columns = output_at
+      chex.assert_shape([rows, columns], (None,))
+      x, context = x[rows, columns][:, None], x[rows]  # [U, 1, d], [U, L, d]
+      row_segments = segments[rows]
+      mask = ((row_segments == segments[rows, columns][:, None]) & (row_segments > 0)
+              & (jnp.arange(length)[None, :] <= columns[:, None]))[:, None, None, :]
+      batch, length = rows.shape[0], 1
+      if cfg.name == "sasrec":
+        x = TransformerBlock(cfg, name=last_layer)(x, mask, deterministic, context)
     if cfg.name == "sasrec":
       vectors = x[:, :, None, :]
       log_weights = jnp.zeros((batch, length, 1), jnp.float32)
     else:
-      vectors, log_weights = self._facet_heads(x, mask, deterministic)
+      vectors, log_weights = self._facet_heads(x, context, mask, deterministic)
     chex.assert_shape(vectors, (batch, length, cfg.num_vectors, cfg.hidden_size))
     chex.assert_shape(log_weights, (batch, length, cfg.num_vectors))
     return UserVectors(vectors, log_weights)
 
-  def _facet_heads(self, x: Array, mask: Array, deterministic: bool) -> tuple[Array, Array]:
+  def _facet_heads(self, x: Array, context: Array, mask: Array,
+                   deterministic: bool) -> tuple[Array, Array]:
     """FAME layer, gate (Eq. 10) and head combination (Eq. 11)."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
     batch, length = x.shape[:2]
-    heads = FameLayer(cfg, name="fame_layer")(x, mask, deterministic)  # [B, L, H, d']
+    heads = FameLayer(cfg, name="fame_layer")(x, context, mask, deterministic)  # [B, L, H, d']
     if cfg.gate:
       gate_logits = nn.Dense(cfg.num_heads, kernel_init=init, dtype=dtype, name="gate")(
           heads.reshape(batch, length, cfg.hidden_size))

@@ -135,10 +135,11 @@ def test_single_expert_head_is_plain_single_head_attention():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(3, 7, 16)), jnp.float32)
   mask = model_lib.attention_mask(jnp.asarray(ITEMS))
-  shapes = jax.eval_shape(head.init, jax.random.key(0), x, mask)
+  shapes = jax.eval_shape(head.init, jax.random.key(0), x, x, mask)
   variables = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, p.dtype),
                            shapes)
-  out, inter = jax.jit(functools.partial(head.apply, mutable=["intermediates"]))(variables, x, mask)
+  out, inter = jax.jit(functools.partial(head.apply, mutable=["intermediates"]))(variables, x, x,
+                                                                                 mask)
   p = variables["params"]
   q = x @ p["query"]["kernel"][:, 0] + p["query"]["bias"][0]
   k = x @ p["key"]["kernel"] + p["key"]["bias"]
@@ -255,3 +256,32 @@ def test_packed_row_equals_each_sequence_on_its_own(name, combine):
                                separate.vectors[u, :length], atol=1e-5)
     np.testing.assert_allclose(packed.log_weights[0, start:start + length],
                                separate.log_weights[u, :length], atol=1e-5)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("fame", dict(combine="logit_sum")), ("fame", dict(combine="mixture_of_softmax")),
+    ("sasrec", {}), ("sasrec", dict(num_layers=1))])
+def test_output_at_slots_equals_the_full_output_there(name, overrides):
+  """`output_at` (evaluation's last-item-only pass) computes exactly the full pass's vectors."""
+  model = build(name=name, **overrides)
+  variables = random_params(model, seed=11)
+  apply = jax.jit(model.apply)
+  # Right-padded rows: every row's last item, an earlier slot, and a row asked for twice.
+  rows = jnp.asarray([0, 1, 2, 0, 1])
+  columns = jnp.asarray([LENGTHS[0] - 1, LENGTHS[1] - 1, 0, 2, LENGTHS[1] - 1])
+  full = apply(variables, jnp.asarray(ITEMS))
+  slots = apply(variables, jnp.asarray(ITEMS), output_at=(rows, columns))
+  assert slots.vectors.shape == (5, 1) + full.vectors.shape[2:]
+  np.testing.assert_allclose(slots.vectors[:, 0], full.vectors[rows, columns], atol=1e-5)
+  np.testing.assert_allclose(slots.log_weights[:, 0], full.log_weights[rows, columns], atol=1e-5)
+  # Packed: two sequences in one row; the first one's end must not see the second.
+  items = jnp.asarray([[4, 9, 1, 7, 7, 2, 0]])
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 0]])
+  positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 0]])
+  full = apply(variables, items, segments=segments, positions=positions)
+  rows, columns = jnp.asarray([0, 0]), jnp.asarray([2, 5])
+  slots = apply(variables, items, segments=segments, positions=positions,
+                output_at=(rows, columns))
+  np.testing.assert_allclose(slots.vectors[:, 0], full.vectors[rows, columns], atol=1e-5)
+  alone = apply(variables, items[:, :3])
+  np.testing.assert_allclose(slots.vectors[0, 0], alone.vectors[0, 2], atol=1e-5)

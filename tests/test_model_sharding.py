@@ -58,7 +58,12 @@ def test_model_sharded_train_step_equals_single_device(devices, loss_chunk, comb
   (p_sharded, m_sharded), (p_single, m_single) = results
   np.testing.assert_allclose(m_sharded["loss_sum"], m_single["loss_sum"], rtol=1e-5)
   assert m_sharded["num_targets"] == m_single["num_targets"] > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Adam's first step is ~lr * sign(gradient): float rounding in a near-zero
+  # gradient (summed in another order over the shards) can move an element by a
+  # fraction of lr, so parameters agree to 1% of one step (the gradients
+  # themselves agree to ~1e-6 relative).
+  step_size = exp.config.optim.learning_rate
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=0.01 * step_size),
                p_sharded, p_single)
 
 

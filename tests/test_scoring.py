@@ -57,16 +57,19 @@ def reference_scores(vectors, log_weights, table) -> np.ndarray:
   return ref.mixture_log_prob(vectors, log_weights, table)
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
-def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size):
-  return scoring.target_ranks(vectors, log_weights, targets, exclude, table, chunk_size)
+@functools.partial(jax.jit, static_argnames=("chunk_size", "user_block"))
+def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size, user_block=0):
+  return scoring.target_ranks(vectors, log_weights, targets, exclude, table, chunk_size,
+                              user_block=user_block)
 
 
+@pytest.mark.parametrize("user_block", [0, 4])  # 4: three blocks of the 12 users.
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("k", [1, 3])
-def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk_size):
+def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk_size, user_block):
   vectors, log_weights, targets, exclude, table = tied_problem(k)
-  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=chunk_size))
+  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table,
+                              chunk_size=chunk_size, user_block=user_block))
   scores = reference_scores(vectors, log_weights, table)
   tol = 0.0 if k == 1 else 1e-5  # K = 1: exact integer scores.
   expected = [ref.brute_force_rank(scores[u], targets[u], exclude[u], tol)
