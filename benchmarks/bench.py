@@ -284,7 +284,7 @@ class JaxRun(Run):
   def eval_pass(self, data):
     exp = self.exp
     return evaluation.evaluate(self.eval_fn, self.state.params, data, exp.config.eval_batch_size,
-                               exp.buckets, exp.mesh)
+                               exp.buckets, exp.mesh, exp.config.data.packing)
 
 
 class TorchRun(Run):

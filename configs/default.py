@@ -26,9 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Pack several training windows end to end into each row of max_len slots
   # (one static shape, almost no padding). A packed batch has as many rows as
   # batch_size windows of average length need, so steps per epoch stay the same.
+  # Evaluation packs the histories of eval_batch_size users likewise.
   config.data.packing = True
-  # Without packing: windows are padded to the smallest of these lengths that
-  # fits the batch (0 stands for max_len). Evaluation batches always use them.
+  # Without packing: windows (and evaluation histories) are padded to the
+  # smallest of these lengths that fits the batch (0 stands for max_len).
   config.data.length_buckets = (8, 16, 32, 0)
   # Without packing: sort windows by length inside pools of this many batches
   # (1 disables it; every batch is then padded to its longest window's bucket).

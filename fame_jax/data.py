@@ -373,3 +373,46 @@ def eval_batches(data: EvalData, batch_size: int,
     batch["targets"][:n] = data.targets[index]
     batch["exclude"][:n] = data.exclude[index]
     yield batch, index
+
+
+def packed_eval_batches(data: EvalData, batch_size: int, row_multiple: int = 1
+                        ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+  """Yields (batch, user indices of its first slots): histories packed end to end into rows.
+
+  Users are dealt round-robin by length into `ceil(U / batch_size)` batches, so
+  every batch holds a similar mix of lengths, and each batch's histories are
+  packed best-fit into rows of `max_len` slots. All batches then share one
+  shape, `[rows, max_len]` with `rows` the most any batch needs (rounded up to
+  `row_multiple`), so evaluation compiles once and runs on ~real tokens only.
+  `user_rows` / `user_columns` `[batch_size]` locate each user's last item;
+  slots past the batch's users point at row 0, column 0 and are dropped.
+  """
+  num, row_len = data.items.shape
+  num_batches = -(-num // batch_size)
+  by_length = np.argsort(-data.lengths, kind="stable")
+  groups = [by_length[b::num_batches] for b in range(num_batches)]
+  packed = [pack_rows(data.lengths, group, row_len) for group in groups]
+  rows = max(len(p) for p in packed)
+  rows = -(-rows // row_multiple) * row_multiple
+  for packing in packed:
+    batch = {k: np.zeros((rows, row_len), np.int32) for k in ("items", "segments", "positions")}
+    batch["user_rows"] = np.zeros(batch_size, np.int32)
+    batch["user_columns"] = np.zeros(batch_size, np.int32)
+    index = np.concatenate(packing)
+    for r, row in enumerate(packing):
+      offset = 0
+      for segment, u in enumerate(row, start=1):
+        n = int(data.lengths[u])
+        batch["items"][r, offset:offset + n] = data.items[u, :n]
+        batch["segments"][r, offset:offset + n] = segment
+        batch["positions"][r, offset:offset + n] = np.arange(n)
+        offset += n
+    ends = np.concatenate([np.cumsum(data.lengths[row]) - 1 for row in packing])
+    row_of = np.concatenate([np.full(len(row), r) for r, row in enumerate(packing)])
+    batch["user_rows"][:len(index)] = row_of
+    batch["user_columns"][:len(index)] = ends
+    batch["targets"] = np.ones(batch_size, np.int32)
+    batch["targets"][:len(index)] = data.targets[index]
+    batch["exclude"] = np.zeros((batch_size, data.exclude.shape[1]), np.int32)
+    batch["exclude"][:len(index)] = data.exclude[index]
+    yield batch, index

@@ -44,7 +44,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int 
   results: dict[str, Any] = {"step": int(state.step)}
   for split in ("valid", "test"):
     metrics, _ = evaluation.evaluate(eval_fn, state.params, exp.eval_data(split),
-                                     config.eval_batch_size, exp.buckets, exp.mesh)
+                                     config.eval_batch_size, exp.buckets, exp.mesh,
+                                     config.data.packing)
     results[split] = metrics
     if jax.process_index() == 0:
       _write_json(os.path.join(workdir, f"eval_{split}.json"), {"step": int(state.step), **metrics})

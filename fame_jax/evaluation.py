@@ -23,10 +23,14 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
   dtype = model_lib.DTYPES[model.cfg.dtype]
 
   def eval_step(params, batch):
+    if "user_rows" in batch:  # Packed histories (data.packed_eval_batches).
+      slots = (batch["user_rows"], batch["user_columns"])
+      packing = {"segments": batch["segments"], "positions": batch["positions"]}
+    else:  # One right-padded history per row (data.eval_batches).
+      slots, packing = (jnp.arange(batch["items"].shape[0]), batch["lengths"] - 1), {}
     # The last layer runs at each history's last item only.
-    rows = jnp.arange(batch["items"].shape[0])
-    out = model.apply({"params": params}, batch["items"], deterministic=True,
-                      output_at=(rows, batch["lengths"] - 1))
+    out = model.apply({"params": params}, batch["items"], deterministic=True, output_at=slots,
+                      **packing)
     vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
                                 model_lib.item_table(params, model.cfg.num_items), chunk_size, dtype,
@@ -36,11 +40,20 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
 
 
 def evaluate(eval_fn: EvalFn, params: Any, data: data_lib.EvalData, batch_size: int,
-             buckets: tuple[int, ...], mesh: jax.sharding.Mesh) -> tuple[dict[str, float], np.ndarray]:
-  """Metrics over all users, and each user's 0-based rank (in user order)."""
+             buckets: tuple[int, ...], mesh: jax.sharding.Mesh,
+             packing: bool = False) -> tuple[dict[str, float], np.ndarray]:
+  """Metrics over all users, and each user's 0-based rank (in user order).
+
+  With `packing`, histories are packed end to end into rows (one batch shape,
+  no padding; `data.packed_eval_batches`), else padded to length `buckets`.
+  """
   sharding = sharding_lib.batch_sharding(mesh)
+  if packing:
+    batches = data_lib.packed_eval_batches(data, batch_size, row_multiple=mesh.shape["data"])
+  else:
+    batches = data_lib.eval_batches(data, batch_size, buckets)
   pending = []
-  for batch, index in data_lib.eval_batches(data, batch_size, buckets):
+  for batch, index in batches:
     pending.append((eval_fn(params, sharding_lib.global_batch(batch, sharding)), index))
   ranks = np.empty(len(data.targets), np.int64)
   for device_ranks, index in pending:  # One host transfer per batch, after all are queued.

@@ -243,7 +243,7 @@ def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
   config = exp.config
   start = time.perf_counter()
   metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, config.eval_batch_size,
-                                   exp.buckets, exp.mesh)
+                                   exp.buckets, exp.mesh, config.data.packing)
   score = metrics[config.early_stop_metric]
   if score > progress.best_metric:
     progress.best_metric, progress.best_epoch = score, progress.epoch

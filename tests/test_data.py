@@ -217,6 +217,34 @@ def test_eval_data_and_batches_cover_every_user_once():
   assert sorted(seen) == list(range(13))
 
 
+def test_packed_eval_batches_hold_every_history_once_at_one_shape():
+  rng = np.random.default_rng(5)
+  sequences = random_sequences(rng, 41, 30, 3, 14)  # Some histories longer than max_len.
+  split = data_lib.eval_split(data_lib.Dataset("t", sequences, 30), "valid")
+  data = data_lib.eval_data(split, max_len=10, exclude_history=True)
+  batches = list(data_lib.packed_eval_batches(data, 8, row_multiple=2))
+  assert len(batches) == 6  # ceil(41 / 8)
+  assert len({b["items"].shape for b, _ in batches}) == 1  # One compiled shape.
+  rows = batches[0][0]["items"].shape[0]
+  assert rows % 2 == 0 and rows < 8  # Fewer rows than the 8 users a padded batch has.
+  seen = []
+  for batch, index in batches:
+    assert batch["user_rows"].shape == batch["targets"].shape == (8,)
+    for slot, u in enumerate(index):
+      r, c = batch["user_rows"][slot], batch["user_columns"][slot]
+      segment = batch["segments"][r, c]
+      history = batch["items"][r][batch["segments"][r] == segment]
+      np.testing.assert_array_equal(history, data.items[u, :data.lengths[u]])  # Whole, in order.
+      assert c == np.flatnonzero(batch["segments"][r] == segment)[-1]  # Its last item.
+      np.testing.assert_array_equal(batch["positions"][r][batch["segments"][r] == segment],
+                                    np.arange(data.lengths[u]))
+      assert batch["targets"][slot] == data.targets[u]
+      np.testing.assert_array_equal(batch["exclude"][slot], data.exclude[u])
+    assert batch["items"][batch["segments"] == 0].sum() == 0  # Padding holds no items.
+    seen.extend(index.tolist())
+  assert sorted(seen) == list(range(41))
+
+
 def test_good_file_round_trips(write_dataset, tmp_path):
   sequences = [np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6]), np.array([5, 3, 5, 8])]
   write_dataset("Tiny", sequences)

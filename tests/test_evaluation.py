@@ -1,7 +1,7 @@
 """Full-ranking evaluation of a model equals a brute-force NumPy ranking, user by user.
 
 Covers the whole path: last `max_len` history items, length buckets, padded
-batches split over 4 devices, the ranks put back in user order, history
+or packed batches split over 4 devices, the ranks put back in user order, history
 exclusion over the *whole* history, and the metrics.
 """
 
@@ -23,8 +23,9 @@ from fame_jax import train_lib
 NUM_ITEMS = 29
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("combine,chunk_size", [("logit_sum", 0), ("mixture_of_softmax", 7)])
-def test_evaluate_equals_brute_force_ranking(combine, chunk_size, devices):
+def test_evaluate_equals_brute_force_ranking(combine, chunk_size, packing, devices):
   rng = np.random.default_rng(0)
   # 13 users (not a multiple of the batch), items repeat, some histories longer than max_len.
   sequences = random_sequences(rng, 13, NUM_ITEMS, 3, 25)
@@ -39,7 +40,7 @@ def test_evaluate_equals_brute_force_ranking(combine, chunk_size, devices):
                         exp.abstract_state().params)
   data = exp.eval_data("test")
   metrics, ranks = evaluation.evaluate(exp.make_eval_fn(), params, data, config.eval_batch_size,
-                                       exp.buckets, exp.mesh)
+                                       exp.buckets, exp.mesh, packing)
 
   split = data_lib.eval_split(dataset, "test")
   expected = []
@@ -53,7 +54,7 @@ def test_evaluate_equals_brute_force_ranking(combine, chunk_size, devices):
   # Without history exclusion, only the candidate set changes.
   no_exclusion = data_lib.eval_data(split, config.data.max_len, exclude_history=False)
   _, ranks_all = evaluation.evaluate(exp.make_eval_fn(), params, no_exclusion,
-                                     config.eval_batch_size, exp.buckets, exp.mesh)
+                                     config.eval_batch_size, exp.buckets, exp.mesh, packing)
   assert (ranks_all >= ranks).all() and (ranks_all > ranks).any()
   assert scoring.metrics_from_ranks(ranks_all) == pytest.approx(
       ref.brute_force_metrics(list(ranks_all)), rel=1e-12)
