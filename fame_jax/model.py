@@ -213,11 +213,14 @@ class ExpertAttentionHead(nn.Module):
     value = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="value")(context)  # [B, L, d']
     query = nn.DenseGeneral((n_exp, d_head), kernel_init=init, dtype=dtype,
                             name="query")(x)  # [B, Lq, N, d']
-    logits = jnp.einsum("blnk,bmk->bnlm", query, key) / math.sqrt(d_head)
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)  # mask [B, 1, Lq, L]
+    # Scores laid out [B, Lq, N, L]: (query, expert) pairs are contiguous rows of
+    # one batched matmul per sequence, so no operand needs a transposed copy.
+    logits = jnp.einsum("blnk,bmk->blnm", query, key) / math.sqrt(d_head)
+    mask = jnp.swapaxes(mask, 1, 2)  # [B, 1, Lq, L] -> [B, Lq, 1, L]
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
     probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
-    experts = jnp.einsum("bnlm,bmk->blnk", probs, value)  # f^(h,n): [B, L, N, d']
+    experts = jnp.einsum("blnm,bmk->blnk", probs, value)  # f^(h,n): [B, Lq, N, d']
     b, length = x.shape[:2]
     router_logits = nn.Dense(n_exp, kernel_init=init, dtype=dtype, name="router")(
         experts.reshape(b, length, n_exp * d_head))  # Eq. 16
