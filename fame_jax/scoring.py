@@ -4,8 +4,9 @@ Everything here works on flat token buffers of user vectors (`[T, K, d]`, see
 `fame_jax.model.UserVectors`) against the item table `[V, d]`. With
 `chunk_size > 0` the catalogue is streamed in chunks of items (a running
 log-sum-exp for the loss, running counts for the ranks), so memory is
-`O(T * chunk_size)` instead of `O(T * V)`; the loss chunks are rematerialised in
-the backward pass. Scores never leave the device: ranking returns only ranks.
+`O(T * chunk_size)` instead of `O(T * V)`; the loss's backward pass recomputes
+each chunk (`_streaming_lse`). Ranking works on blocks of users so that their
+scores stay in cache. Scores never leave the device: ranking returns only ranks.
 """
 
 from __future__ import annotations
