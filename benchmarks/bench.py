@@ -6,19 +6,20 @@ r"""fame-jax vs a plain PyTorch FAME: training-epoch and full-ranking-evaluation
 In one process, on one machine and on the SAME batches of the dataset (epoch 0
 of `fame_jax.data`, the dataset config's defaults, batch 256), it measures:
 
-1. the float32 matmul peak of the machine (best jnp.dot of 2048^3 .. 4096^3);
-2. fame-jax FAME and SASRec (`Experiment.init_state / jit_train_step /
+1. fame-jax FAME and SASRec (`Experiment.init_state / jit_train_step /
    make_eval_fn`, `fame_jax.evaluation.evaluate`): a training epoch on the
    batches fame-jax's training loop draws (packed rows when
    `config.data.packing`, else length-bucketed padded rows), and a full-ranking
    evaluation pass over the validation users; also FAME on the padded batches;
-3. benchmarks/torch_reference.py, the same FAME in PyTorch, eager and
+2. benchmarks/torch_reference.py, the same FAME in PyTorch, eager and
    `torch.compile`d, from the same initial parameters (the Flax init, loaded),
    with the same Adam, on the padded `[B, L]` batches a PyTorch user would run
    (and, eager, on fame-jax's packed batches); the same full-ranking evaluation;
-4. a parity check: the deterministic (no dropout) loss of a padded and of a
+3. a parity check: the deterministic (no dropout) loss of a padded and of a
    packed batch under the trained fame-jax FAME parameters, fame-jax vs torch,
    and how many evaluation ranks agree;
+4. the float32 matmul peak of the machine (best jnp.dot of 2048^3 .. 4096^3),
+   after the fame-jax runs and again at the end, best kept;
 5. peak RSS (resource.getrusage).
 
 Compile time is excluded from every epoch and evaluation time and reported
@@ -26,11 +27,13 @@ apart: every distinct batch shape is run twice first (compile = first call -
 second call), and the first evaluation pass compiles.
 
 The machine may be shared (load average in the JSON), so the runs are
-INTERLEAVED: step i of every run, then step i+1, ...; each step is timed to
-completion (block_until_ready / eager torch), and an epoch time is the sum of
-its steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds,
-best pass kept. Noise from other processes then hits every run alike, and the
-ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
+INTERLEAVED in two phases, fame-jax runs first and PyTorch runs after (so
+that neither framework's heap and thread pool sits between the other's steps;
+PyTorch is not even imported before its phase): step i of every run of the phase, then step i+1, ...; each
+step is timed to completion (block_until_ready / eager torch), and an epoch
+time is the sum of its steps. Evaluation passes are interleaved likewise,
+`--eval_repeats` rounds, best pass kept. Noise from other processes then hits
+the runs of a phase alike, and the ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
 fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
 `matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
 counting only the FLOPs the real (non-padding) tokens need (`forward_flops`),
@@ -48,6 +51,7 @@ import argparse
 import collections
 import dataclasses
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -125,8 +129,10 @@ def forward_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
   T = real input tokens, S = attended (query, key) pairs of real tokens
   (sum of n(n+1)/2 over sequences of n real items), Y = positions with a target,
   d = hidden, H = heads, d' = d/H, N = experts, f = FFN inner size,
-  f' = FFN' inner size, V = catalogue size, K = user vectors per position
-  (1 for SASRec and FAME "logit_sum", H for FAME "mixture_of_softmax").
+  f' = FFN' inner size, V = catalogue size, K = user vectors per position and
+  D their size (K = 1, D = d for SASRec and FAME "logit_sum"; K = H, D = d' for
+  FAME "mixture_of_softmax", scored against per-head item tables E W_f^(h)),
+  B = training steps.
   Per standard block:
       Q,K,V,O projections      8 T d^2
       scores + weighted sum    4 S d
@@ -139,25 +145,28 @@ def forward_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
       expert mixture (Eq. 17)  2 T d N
       FFN' (shared by heads)   4 T d f'              (H * 4 d' f')
       gate (Eq. 10)            2 T d H
-      item projection (Eq. 9)  2 T d^2               (user side: H * 2 d' d)
+      item projection (Eq. 9)  2 T d^2               ("logit_sum": user side, H * 2 d' d)
+                               2 B V d^2             ("mixture_of_softmax": the per-head
+                                                      item tables E W_f^(h), once a step)
       head combination         2 T d H               ("logit_sum" only)
-  Output layer (full catalogue)  2 Y d V K
+  Output layer (full catalogue)  2 Y D V K = 2 Y d V  (every model and rule)
   LayerNorm, softmax, GELU, the log-sum-exp and Adam are not counted (not FLOPs
   of a matmul); neither are padding positions, which the step does compute.
   """
   d, h, n, v = cfg.hidden_size, cfg.num_heads, cfg.num_experts, cfg.num_items
   T, S, Y = t.tokens_in, t.attended_pairs, t.tokens_target
   fame = cfg.name == "fame"
-  k = h if fame and cfg.combine == "mixture_of_softmax" else 1
   num_standard = cfg.num_layers - (1 if fame else 0)
   out = {
       "standard_blocks": num_standard * (8 * T * d * d + 4 * S * d + 4 * T * d * cfg.ffn_size),
-      "output_layer": 2 * Y * d * v * k,
+      "output_layer": 2 * Y * cfg.vector_size * v * cfg.num_vectors,
   }
   if fame:
+    per_head_tables = cfg.combine == "mixture_of_softmax"
     out["fame_layer"] = (4 * T * d * d + 2 * T * d * d * n + 4 * S * d * n + 2 * T * d * n * n
-                         + 2 * T * d * n + 4 * T * d * cfg.head_ffn_size
-                         + 2 * T * d * h + 2 * T * d * d + (2 * T * d * h if k == 1 else 0))
+                         + 2 * T * d * n + 4 * T * d * cfg.head_ffn_size + 2 * T * d * h
+                         + (2 * t.steps * v * d * d if per_head_tables
+                            else 2 * T * d * d + 2 * T * d * h))
   return {key: float(x) for key, x in out.items()}
 
 
@@ -367,9 +376,9 @@ def machine_info() -> dict[str, Any]:
           "platform": platform.platform(), "jax_devices": [str(d) for d in jax.devices()],
           "load_avg_start": os.getloadavg()}
   for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-    try:
-      info[mod] = importlib.import_module(mod).__version__
-    except ImportError:
+    try:  # Versions without importing (torch is imported only for its own phase).
+      info[mod] = importlib.metadata.version(mod)
+    except importlib.metadata.PackageNotFoundError:
       info[mod] = None
   try:
     info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
@@ -425,8 +434,9 @@ def parse_args(argv):
                            "packed ones.")
   parser.add_argument("--skip_torch_compile_packed", action="store_true",
                       help="Skip torch.compile on fame-jax's packed batches.")
-  parser.add_argument("--torch_literal_eq9", action="store_true",
-                      help="Torch FAME projects the item table per head (Eq. 9 as written).")
+  parser.add_argument("--torch_user_side_eq9", action="store_true",
+                      help="Torch FAME applies Eq. 9 on the user side (W_f F^(h) against E, H times "
+                           "the output-layer FLOPs of the per-head item tables fame-jax uses).")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads (default: all cores).")
   parser.add_argument("--keep_compile_caches", action="store_true",
@@ -444,6 +454,41 @@ def cold_compile_caches(keep: bool) -> dict[str, Any]:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fame_bench_inductor_")
   return {"compile_caches": "kept" if keep else "cold",
           "torchinductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+
+
+def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, Any]) -> None:
+  """Warm-up, then the epoch interleaved (step i of every run, then step i + 1), then the
+  compiling evaluation pass and `--eval_repeats` interleaved timed passes."""
+  if not runs:
+    return
+  for run in runs:
+    log(f"{run.label} [{run.layout}]: warm-up / compile")
+    run.warm_up(first_of_each_shape(layouts[run.layout]))
+    results["rss_mb_after"][f"warmup_{run.key}"] = rss_mb()
+    log(f"  compile {run.compile_s:.1f}s (warm-up {run.warmup_s:.1f}s)")
+  num_timed = len(timed[runs[0].layout])
+  log(f"interleaved epoch: {num_timed} steps x {len(runs)} runs")
+  t_epoch = time.perf_counter()
+  for i in range(num_timed):
+    for j in range(len(runs)):
+      run = runs[(i + j) % len(runs)]  # Rotate who goes first.
+      run.timed_step(timed[run.layout][i])
+    if (i + 1) % 10 == 0 or i + 1 == num_timed:
+      results["machine"].setdefault("load_avg_1min_during_epoch", []).append(os.getloadavg()[0])
+      log(f"  step {i + 1}/{num_timed} ({time.perf_counter() - t_epoch:.0f}s, load "
+          f"{os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{r.key} {sum(r.step_s):.1f}s" for r in runs))
+  results["rss_mb_after"][f"epoch_{runs[0].key}"] = rss_mb()
+  eval_runs = [r for r in runs if r.has_eval]
+  for run in eval_runs:
+    log(f"{run.label}: evaluation (first pass, compiles)")
+    run.timed_eval(valid)
+  for rep in range(args.eval_repeats):
+    for j in range(len(eval_runs)):
+      eval_runs[(rep + j) % len(eval_runs)].timed_eval(valid)
+    log(f"  evaluation round {rep + 1}/{args.eval_repeats}: "
+        + ", ".join(f"{r.key} {r.eval_s[-1]:.1f}s" for r in eval_runs))
+  results["rss_mb_after"][f"eval_{runs[0].key}"] = rss_mb()
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -494,77 +539,51 @@ def main(argv=None) -> dict[str, Any]:
   }
   results["rss_mb_after"]["setup"] = rss_mb()
 
-  # --- Matmul peak (before anything else runs; measured again at the end, best kept).
-  sizes = [int(s) for s in args.matmul_sizes.split(",")]
-  peak = matmul_peak(sizes, args.matmul_repeats)
-  results["matmul_peak_gflops"] = peak["gflops"]
-  results["matmul_peak_per_size_gflops"] = peak["per_size_gflops"]
-  log(f"float32 matmul peak (jnp.dot): {peak['gflops']:.1f} GFLOP/s {peak['per_size_gflops']}")
-
-  # --- The runs.
-  runs: list[Run] = [JaxRun("fame", "fame-jax FAME", default_layout, exp_fame, True)]
+  # --- The runs: fame-jax first, then PyTorch, each phase interleaved within itself.
+  jax_runs: list[Run] = [JaxRun("fame", "fame-jax FAME", default_layout, exp_fame, True)]
   if not args.skip_sasrec:
     exp_sas = train_lib.Experiment.from_config(with_overrides(config, **{"model.name": "sasrec"}),
                                                dataset)
-    runs.append(JaxRun("sasrec", "fame-jax SASRec", default_layout, exp_sas, True))
+    jax_runs.append(JaxRun("sasrec", "fame-jax SASRec", default_layout, exp_sas, True))
   if packs and not args.skip_same_batches:
-    runs.append(JaxRun("fame_padded", "fame-jax FAME", "padded", exp_fame_padded, False))
+    jax_runs.append(JaxRun("fame_padded", "fame-jax FAME", "padded", exp_fame_padded, False))
+  init_params = jax.device_get(jax_runs[0].state.params)  # The same initial FAME parameters.
+  run_phase(jax_runs, layouts, timed, valid, args, results)
+
+  # --- Matmul peak, after the fame-jax runs (measured again at the end, best kept): the
+  # GFLOP-sized matrices leave the allocator in a state that slows the next ~30 fame-jax
+  # steps by ~25% (a 2-core CPU measurement); no training run starts that way.
+  sizes = [int(s) for s in args.matmul_sizes.split(",")]
+  peak = matmul_peak(sizes, args.matmul_repeats)
+  log(f"float32 matmul peak (jnp.dot): {peak['gflops']:.1f} GFLOP/s {peak['per_size_gflops']}")
+
+  torch_runs: list[Run] = []
   if not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
     results["torch_threads"] = torch.get_num_threads()
     results["torch_matmul_peak_gflops"] = torch_matmul_peak(sizes, max(2, args.matmul_repeats // 2))
     log(f"float32 matmul peak (torch.mm, MKL): {results['torch_matmul_peak_gflops']:.1f} GFLOP/s")
-    init_params = jax.device_get(runs[0].state.params)  # The same initial FAME parameters.
     common = dict(cfg=exp_fame.model.cfg, init_params=init_params,
-                  lr=config.optim.learning_rate, literal=args.torch_literal_eq9,
+                  lr=config.optim.learning_rate, literal=not args.torch_user_side_eq9,
                   buckets=exp_fame.buckets, eval_batch_size=config.eval_batch_size)
-    runs.append(TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False,
-                         has_eval=True, **common))
+    torch_runs.append(TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False,
+                               has_eval=True, **common))
     if not args.skip_torch_compile:
-      runs.append(TorchRun("torch_compile", "torch.compile FAME", "padded", compile_=True,
-                           has_eval=True, **common))
+      torch_runs.append(TorchRun("torch_compile", "torch.compile FAME", "padded", compile_=True,
+                                 has_eval=True, **common))
     if packs and not args.skip_same_batches:
-      runs.append(TorchRun("torch_eager_packed", "torch eager FAME", "packed", compile_=False,
-                           has_eval=False, **common))
+      torch_runs.append(TorchRun("torch_eager_packed", "torch eager FAME", "packed",
+                                 compile_=False, has_eval=False, **common))
       if not (args.skip_torch_compile_packed or args.skip_torch_compile):
-        runs.append(TorchRun("torch_compile_packed", "torch.compile FAME", "packed",
-                             compile_=True, has_eval=False, **common))
-
-  # Warm-up (compiles every shape), run by run.
-  for run in runs:
-    log(f"{run.label} [{run.layout}]: warm-up / compile")
-    run.warm_up(first_of_each_shape(layouts[run.layout]))
-    results["rss_mb_after"][f"warmup_{run.key}"] = rss_mb()
-    log(f"  compile {run.compile_s:.1f}s (warm-up {run.warmup_s:.1f}s)")
-
-  # The epoch, interleaved: step i of every run, then step i + 1.
-  log(f"interleaved epoch: {num_timed} steps x {len(runs)} runs")
-  t_epoch = time.perf_counter()
-  for i in range(num_timed):
-    for j in range(len(runs)):
-      run = runs[(i + j) % len(runs)]  # Rotate who goes first.
-      run.timed_step(timed[run.layout][i])
-    if (i + 1) % 10 == 0 or i + 1 == num_timed:
-      results["machine"].setdefault("load_avg_1min_during_epoch", []).append(os.getloadavg()[0])
-      log(f"  step {i + 1}/{num_timed} ({time.perf_counter() - t_epoch:.0f}s, load "
-          f"{os.getloadavg()[0]:.1f}): "
-          + ", ".join(f"{r.key} {sum(r.step_s):.1f}s" for r in runs))
-  results["rss_mb_after"]["epoch"] = rss_mb()
-
-  # Evaluation: the compiling pass, then interleaved timed passes.
-  eval_runs = [r for r in runs if r.has_eval]
-  for run in eval_runs:
-    if isinstance(run, TorchRun):
-      run.set_eval_params(jax.device_get(runs[0].state.params))
-    log(f"{run.label}: evaluation (first pass, compiles)")
-    run.timed_eval(valid)
-  for rep in range(args.eval_repeats):
-    for j in range(len(eval_runs)):
-      eval_runs[(rep + j) % len(eval_runs)].timed_eval(valid)
-    log(f"  evaluation round {rep + 1}/{args.eval_repeats}: "
-        + ", ".join(f"{r.key} {r.eval_s[-1]:.1f}s" for r in eval_runs))
-  results["rss_mb_after"]["eval"] = rss_mb()
+        torch_runs.append(TorchRun("torch_compile_packed", "torch.compile FAME", "packed",
+                                   compile_=True, has_eval=False, **common))
+    trained = jax.device_get(jax_runs[0].state.params)  # Ranked with fame-jax's trained FAME.
+    for run in torch_runs:
+      if run.has_eval:
+        run.set_eval_params(trained)
+    run_phase(torch_runs, layouts, timed, valid, args, results)
+  runs = jax_runs + torch_runs
 
   # The matmul peak again: a burst of load during the first measurement must not inflate the
   # fractions. The best of the two is the machine's peak.

@@ -11,7 +11,7 @@ On one training batch of the dataset config's defaults (the first batch of epoch
   output_grad   the output layer alone: grad of scoring.next_item_log_prob w.r.t.
                 the user vectors and the item table (full-catalogue cross-entropy)
   output_fwd    the same, forward only
-  logits_fwd    the logits matmul alone, [T*K, d] x [d, V]
+  logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
 
 and lists the catalogue-sized ([..., V]) buffers of the compiled train step's
@@ -78,9 +78,9 @@ def main() -> None:
   num_pos = batch["items"].size
   k = cfg.num_vectors
   num_items = cfg.num_items
-  table = jnp.asarray(params["item_embedding"]["embedding"][1:num_items + 1])
+  table = model_lib.item_tables(params, cfg)  # [V, d], or [H, V, d'] per-head tables (Eq. 9).
   targets = jbatch["targets"].reshape(-1)
-  vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.hidden_size))
+  vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.vector_size))
   log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
   print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k} "
         f"loss_chunk_size={config.loss_chunk_size}: batch "
@@ -120,7 +120,7 @@ def main() -> None:
 
   output_grad = jax.jit(jax.grad(output, argnums=(0, 1)))
   output_fwd = jax.jit(output)
-  logits_fwd = jax.jit(lambda v, t: v.reshape(-1, v.shape[-1]) @ t.T)
+  logits_fwd = jax.jit(lambda v, t: scoring._logits(v, t, jnp.float32))  # pylint: disable=protected-access
   fns["output_grad"] = lambda: output_grad(vectors, table)
   fns["output_fwd"] = lambda: output_fwd(vectors, table)
   fns["logits_fwd"] = lambda: logits_fwd(vectors, table)
@@ -135,7 +135,7 @@ def main() -> None:
     labels = torch.from_numpy(np.asarray(targets)).long() - 1
 
     def torch_output(v, t):
-      logits = v @ t.T  # [T, K, V]
+      logits = v @ t.T if t.dim() == 2 else torch.einsum("tkd,kvd->tkv", v, t)  # [T, K, V]
       if k == 1:
         return F.cross_entropy(logits[:, 0], labels, ignore_index=-1, reduction="sum")
       lp = torch.log_softmax(logits, dim=-1).gather(

@@ -33,7 +33,7 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                       **packing)
     vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
-                                model_lib.item_table(params, model.cfg.num_items), chunk_size, dtype,
+                                model_lib.item_tables(params, model.cfg), chunk_size, dtype,
                                 mesh)
 
   return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh))

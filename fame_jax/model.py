@@ -1,28 +1,27 @@
 """FAME and SASRec as pure Flax linen modules.
 
-Both models map a right-padded batch of item ids `[B, L]` to *user vectors* in
-the item-embedding space, one or more per position:
+Both models map a right-padded batch of item ids `[B, L]` to *user vectors*,
+one or more per position, that score the catalogue (`item_tables`):
 
-  vectors     [B, L, K, d]  K = 1 for SASRec and FAME with the "logit_sum" rule,
-                            K = H for FAME with the "mixture_of_softmax" rule;
+  vectors     [B, L, K, D]  K = 1, D = d for SASRec and FAME with the "logit_sum" rule,
+                            K = H, D = d' for FAME with the "mixture_of_softmax" rule;
   log_weights [B, L, K]     log of the mixture weights over the K vectors.
 
 The next-item distribution at a position is then
 
-  log p(v) = logsumexp_k( log_weights_k + <vectors_k, E[v]> - lse_k ),
-  lse_k    = logsumexp_{v'} <vectors_k, E[v']>,
+  log p(v) = logsumexp_k( log_weights_k + <vectors_k, e_k[v]> - lse_k ),
+  lse_k    = logsumexp_{v'} <vectors_k, e_k[v']>,
 
-which `fame_jax.scoring` evaluates against the whole catalogue in chunks. This
-covers both rules of Eq. 11:
+which `fame_jax.scoring` evaluates against the whole catalogue in chunks, with
+e_k = E (the item table) when K = 1 and e_h = E W_f^(h) (per-head item
+embeddings, Eq. 9) for the mixture. This covers both rules of Eq. 11:
 
 * logit_sum: score(v) = sum_h g_h <F^(h), E[v] W_f^(h)> = <sum_h g_h W_f^(h) F^(h), E[v]>,
-  a single vector per position (K = 1);
-* mixture_of_softmax: one vector u_h = W_f^(h) F^(h) per head, weights g (K = H).
-
-Projecting the user side back (u_h = W_f^(h) F^(h)) instead of projecting the
-whole item table into every head (E W_f^(h), Eq. 9) gives identical scores at
-a fraction of the cost, and lets the item table be the only catalogue-sized
-tensor.
+  a single d-dimensional vector per position (K = 1), scored against E;
+* mixture_of_softmax: F^(h) itself per head (K = H, D = d'), scored against
+  E W_f^(h) as the paper writes it: d' multiply-adds per item and head, d per
+  item in all, where projecting the user side (W_f^(h) F^(h) against E) would
+  cost H d.
 """
 
 from __future__ import annotations
@@ -86,11 +85,19 @@ class ModelConfig:
     return -(-(self.num_items + 1) // TABLE_ROW_MULTIPLE) * TABLE_ROW_MULTIPLE
 
   @property
+  def per_head_tables(self) -> bool:
+    """Whether each head scores against its own item table E W_f^(h) (the mixture rule)."""
+    return self.name == "fame" and self.combine == "mixture_of_softmax"
+
+  @property
   def num_vectors(self) -> int:
     """K: user vectors per position."""
-    if self.name == "fame" and self.combine == "mixture_of_softmax":
-      return self.num_heads
-    return 1
+    return self.num_heads if self.per_head_tables else 1
+
+  @property
+  def vector_size(self) -> int:
+    """D: size of a user vector (d' against per-head tables, else d)."""
+    return self.head_dim if self.per_head_tables else self.hidden_size
 
 
 class ConfigError(ValueError):
@@ -312,7 +319,7 @@ class SequenceRecommender(nn.Module):
       log_weights = jnp.zeros((batch, length, 1), jnp.float32)
     else:
       vectors, log_weights = self._facet_heads(x, context, mask, deterministic)
-    chex.assert_shape(vectors, (batch, length, cfg.num_vectors, cfg.hidden_size))
+    chex.assert_shape(vectors, (batch, length, cfg.num_vectors, cfg.vector_size))
     chex.assert_shape(log_weights, (batch, length, cfg.num_vectors))
     return UserVectors(vectors, log_weights)
 
@@ -331,14 +338,14 @@ class SequenceRecommender(nn.Module):
     else:
       log_gate = jnp.full((batch, length, cfg.num_heads), -math.log(cfg.num_heads), jnp.float32)
     self.sow("intermediates", "gate_weights", jnp.exp(log_gate))
-    # Eq. 9, applied to the user side: u_h = W_f^(h) F^(h), so <u_h, E[v]> = <F^(h), E[v] W_f^(h)>.
+    # W_f^(h) of Eq. 9; `item_tables` applies it to the item table for the mixture rule.
     item_projection = self.param("item_projection", init,
                                  (cfg.num_heads, cfg.hidden_size, cfg.head_dim))
-    per_head = jnp.einsum("blhk,hdk->blhd", heads, item_projection.astype(dtype))
-    if cfg.combine == "logit_sum":
+    if cfg.combine == "logit_sum":  # sum_h g_h <F^(h), E[v] W_f^(h)> = <sum_h g_h W_f^(h) F^(h), E[v]>.
+      per_head = jnp.einsum("blhk,hdk->blhd", heads, item_projection.astype(dtype))
       vectors = jnp.einsum("blh,blhd->bld", jnp.exp(log_gate).astype(dtype), per_head)
       return vectors[:, :, None, :], jnp.zeros((batch, length, 1), jnp.float32)
-    return per_head, log_gate
+    return heads, log_gate
 
 
 def build_model(cfg: ModelConfig) -> SequenceRecommender:
@@ -348,3 +355,15 @@ def build_model(cfg: ModelConfig) -> SequenceRecommender:
 def item_table(params: Any, num_items: int) -> Array:
   """The `[V, d]` embeddings of the real items 1..V (row i is item i + 1)."""
   return params["item_embedding"]["embedding"][1:num_items + 1]
+
+
+def item_tables(params: Any, cfg: ModelConfig) -> Array:
+  """What the user vectors score against: `[V, d]`, or `[H, V, d']` per-head tables.
+
+  The per-head item embeddings e_v^(h) = E[v] W_f^(h) (Eq. 9) of FAME's mixture
+  rule; the item table E itself otherwise.
+  """
+  table = item_table(params, cfg.num_items)
+  if not cfg.per_head_tables:
+    return table
+  return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])

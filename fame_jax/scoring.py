@@ -1,7 +1,9 @@
 """Scoring the whole catalogue: next-item cross-entropy and full-ranking ranks.
 
-Everything here works on flat token buffers of user vectors (`[T, K, d]`, see
-`fame_jax.model.UserVectors`) against the item table `[V, d]`. With
+Everything here works on flat token buffers of user vectors (`[T, K, D]`, see
+`fame_jax.model.UserVectors`) against the catalogue: either one item table
+`[V, D]` that all K vectors score against, or one table per vector `[K, V, D]`
+(FAME's per-head item embeddings E W_f^(h) of Eq. 9). With
 `chunk_size > 0` the catalogue is streamed in chunks of items (a running
 log-sum-exp for the loss, running counts for the ranks), so memory is
 `O(T * chunk_size)` instead of `O(T * V)`; the loss's backward pass recomputes
@@ -24,19 +26,23 @@ Array = jax.Array
 
 
 def _logits(vectors: Array, table: Array, dtype) -> Array:
-  """`[T, K, d] x [C, d] -> [T, K, C]` in `dtype` with float32 accumulation."""
-  return jnp.einsum("tkd,cd->tkc", vectors.astype(dtype), table.astype(dtype),
+  """`[T, K, D] x [C, D] (or [K, C, D]) -> [T, K, C]` in `dtype`, float32 accumulation."""
+  spec = "tkd,cd->tkc" if table.ndim == 2 else "tkd,kcd->tkc"
+  return jnp.einsum(spec, vectors.astype(dtype), table.astype(dtype),
                     preferred_element_type=jnp.float32)
 
 
 class _Chunks(NamedTuple):
   """The catalogue cut into `n` chunks of `shards x per` rows, scanned in order.
 
+  `rows` is `[n, G, shards * per, D]`: G = 1 for a shared table, K for one table
+  per user vector.
+
   Shard `s` of the item table (rows split evenly, as a row-sharded table is
   laid out over devices) contributes `per` of its rows to every chunk, so with
   `shards` = devices on the 'model' axis each device scores only its own rows.
   """
-  rows: Array  # [n, shards * per, d]
+  rows: Array  # [n, G, shards * per, D]
   ids: Array  # [n, shards * per] item ids 1..V, 0 for padding rows
   num: int
   per: int
@@ -50,43 +56,49 @@ class _Chunks(NamedTuple):
 
 
 def _chunked_table(table: Array, chunk_size: int, mesh: Mesh | None = None) -> _Chunks:
-  """Pads `[V, d]` and cuts it into `_Chunks`, sharded over 'model' if `mesh` has that axis."""
-  num_items, dim = table.shape
+  """Pads `[V, D]` or `[G, V, D]` and cuts it into `_Chunks` (sharded over 'model' if `mesh`
+  has that axis)."""
+  groups = table if table.ndim == 3 else table[None]  # [G, V, D]
+  num_groups, num_items, dim = groups.shape
   shards = mesh.shape.get("model", 1) if mesh is not None else 1
   per = max(1, chunk_size // shards)
   num = -(-num_items // (shards * per))
-  table = jnp.pad(table, ((0, num * shards * per - num_items), (0, 0)))
-  rows = table.reshape(shards, num, per, dim).transpose(1, 0, 2, 3)  # [n, S, per, d]
+  groups = jnp.pad(groups, ((0, 0), (0, num * shards * per - num_items), (0, 0)))
+  rows = groups.reshape(num_groups, shards, num, per, dim).transpose(2, 0, 1, 3, 4)
   ids = jnp.arange(1, num * shards * per + 1).reshape(shards, num, per).transpose(1, 0, 2)
-  if shards > 1:
-    rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, P(None, "model")))
+  if shards > 1:  # rows: [n, G, S, per, D]
+    rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, P(None, None, "model")))
   ids = jnp.where(ids <= num_items, ids, 0)
-  return _Chunks(rows.reshape(num, shards * per, dim), ids.reshape(num, shards * per), num, per,
-                 shards)
+  return _Chunks(rows.reshape(num, num_groups, shards * per, dim),
+                 ids.reshape(num, shards * per), num, per, shards)
 
 
 def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
                     dtype=jnp.float32, mesh: Mesh | None = None) -> Array:
   """lse_k = logsumexp_v <vectors_k, table_v> over all items: `[T, K]`.
 
+  `table` is `[V, D]`, or `[K, V, D]` with table k scoring vector k.
   With `chunk_size > 0` this is a streaming log-sum-exp over item chunks with a
   hand-written backward pass (`_streaming_lse`): no `[T, K, V]` buffer exists
   in either pass, so the chunk's logits stay in cache.
   """
-  if chunk_size <= 0 or chunk_size >= table.shape[0]:
+  if chunk_size <= 0 or chunk_size >= table.shape[-2]:
     return jax.nn.logsumexp(_logits(vectors, table, dtype), axis=-1)
   num, k, dim = vectors.shape
-  lse = _streaming_lse(vectors.reshape(num * k, dim), table, chunk_size, dtype, mesh)
-  return lse.reshape(num, k)
+  if table.ndim == 2:  # One table: all T * K vectors form one group.
+    return _streaming_lse(vectors.reshape(1, num * k, dim), table, chunk_size, dtype,
+                          mesh).reshape(num, k)
+  return _streaming_lse(vectors.transpose(1, 0, 2), table, chunk_size, dtype, mesh).T
 
 
 def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | None) -> Array:
-  """`[N, d] x [V, d] -> [N]` log-sum-exp over items, chunk by chunk, with a custom VJP.
+  """`[G, N, D] x [V, D] (or [G, V, D]) -> [G, N]` log-sum-exp over items, with a custom VJP.
 
+  Group g of vectors scores against table g (or all against the one table).
   Forward: one pass over the chunks keeping a running max and sum. Backward:
   one more pass that recomputes each chunk's logits and turns them into
   `p = softmax * g` at once, then `du += p @ rows` and `d rows = u^T @ p`
-  (written `[d, C]` so that the big operand is read in its natural layout).
+  (written `[D, C]` so that the big operand is read in its natural layout).
   Autodiff of the forward scan would store or re-derive more and transposes
   every chunk's `p`; this is ~1.6x faster on CPU (benchmarks/step_breakdown.py).
   """
@@ -94,9 +106,9 @@ def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | 
   floor = jnp.finfo(jnp.float32).min
 
   def chunk_logits(u, rows, row_ids):
-    logits = jnp.einsum("nd,cd->nc", u.astype(dtype), rows.astype(dtype),
+    logits = jnp.einsum("gnd,gcd->gnc", u.astype(dtype), rows.astype(dtype),
                         preferred_element_type=jnp.float32)
-    return jnp.where(row_ids[None, :] > 0, logits, -jnp.inf)
+    return jnp.where(row_ids > 0, logits, -jnp.inf)
 
   def forward(u, rows, ids):
     def step(carry, chunk):
@@ -104,10 +116,10 @@ def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | 
       logits = chunk_logits(u, *chunk)
       new_max = jnp.maximum(running_max, logits.max(axis=-1))
       running_sum = (running_sum * jnp.exp(running_max - new_max)
-                     + jnp.exp(logits - new_max[:, None]).sum(axis=-1))
+                     + jnp.exp(logits - new_max[..., None]).sum(axis=-1))
       return (new_max, running_sum), None
 
-    init = (jnp.full(u.shape[:1], floor, jnp.float32), jnp.zeros(u.shape[:1], jnp.float32))
+    init = (jnp.full(u.shape[:2], floor, jnp.float32), jnp.zeros(u.shape[:2], jnp.float32))
     (running_max, running_sum), _ = jax.lax.scan(step, init, (rows, ids))
     return running_max + jnp.log(running_sum)
 
@@ -121,16 +133,17 @@ def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | 
 
   def lse_bwd(residuals, g):
     u, rows, ids, lse = residuals
-    u_t = u.T.astype(dtype)  # [d, N]
+    u_t = u.transpose(0, 2, 1).astype(dtype)  # [G, D, N]
 
     def step(du, chunk):
       rows_, row_ids = chunk
-      p = jnp.exp(chunk_logits(u, rows_, row_ids) - lse[:, None]) * g[:, None]  # [N, C]
-      du = du + jnp.dot(p.astype(dtype), rows_.astype(dtype), preferred_element_type=jnp.float32)
-      return du, jnp.dot(u_t, p.astype(dtype), preferred_element_type=jnp.float32)  # [d, C]
+      p = (jnp.exp(chunk_logits(u, rows_, row_ids) - lse[..., None]) * g[..., None]).astype(dtype)
+      du = du + jnp.einsum("gnc,gcd->gnd", p, rows_.astype(dtype),
+                           preferred_element_type=jnp.float32)
+      return du, jnp.einsum("gdn,gnc->gdc", u_t, p, preferred_element_type=jnp.float32)
 
     du, drows_t = jax.lax.scan(step, jnp.zeros(u.shape, jnp.float32), (rows, ids))
-    return du.astype(u.dtype), drows_t.transpose(0, 2, 1).astype(rows.dtype), None
+    return du.astype(u.dtype), drows_t.transpose(0, 1, 3, 2).astype(rows.dtype), None
 
   lse_fn.defvjp(lse_fwd, lse_bwd)
   return lse_fn(u, chunks.rows, chunks.ids)
@@ -145,24 +158,41 @@ def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table
     vectors: `[T, K, d]` user vectors.
     log_weights: `[T, K]` log mixture weights (zeros when K = 1).
     targets: `[T]` item ids in 1..V (0 = no target; its value is meaningless).
-    table: `[V, d]` embeddings of items 1..V.
+    table: `[V, D]` embeddings of items 1..V, or `[K, V, D]`: one table per vector.
   """
   chex.assert_rank(vectors, 3)
   chex.assert_equal_shape_prefix((vectors, log_weights), 2)
   chex.assert_shape(targets, vectors.shape[:1])
-  target_rows = table[jnp.maximum(targets - 1, 0)]  # [T, d]
-  target_logits = jnp.einsum("tkd,td->tk", vectors.astype(dtype), target_rows.astype(dtype),
+  target_rows = table[..., jnp.maximum(targets - 1, 0), :]  # [T, D] or [K, T, D]
+  spec = "tkd,td->tk" if table.ndim == 2 else "tkd,ktd->tk"
+  target_logits = jnp.einsum(spec, vectors.astype(dtype), target_rows.astype(dtype),
                              preferred_element_type=jnp.float32)
   lse = log_normalizers(vectors, table, chunk_size, dtype, mesh)
   return jax.nn.logsumexp(log_weights + target_logits - lse, axis=-1)
 
 
 def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
-  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1."""
-  logits = _logits(vectors, table, dtype)  # [B, K, C]
-  if vectors.shape[1] == 1:
-    return logits[:, 0]
-  return jax.nn.logsumexp((log_weights - lse)[..., None] + logits, axis=1)
+  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1.
+
+  `lse` `[B, K]` are the normalisers over the whole catalogue; None when `table`
+  is the whole catalogue (they are computed here). Each vector's `[B, C]` scores
+  are a plain matmul of their own, combined by one elementwise log-add: no
+  `[B, K, C]` buffer whose per-vector slices would be strided.
+  """
+  num_vectors = vectors.shape[1]
+
+  def logits(k):
+    rows = table if table.ndim == 2 else table[k]
+    return jnp.dot(vectors[:, k].astype(dtype), rows.astype(dtype).T,
+                   preferred_element_type=jnp.float32)
+
+  if num_vectors == 1:
+    return logits(0)
+  per_vector = [logits(k) for k in range(num_vectors)]
+  if lse is None:
+    lse = jnp.stack([jax.nn.logsumexp(x, axis=-1) for x in per_vector], axis=1)
+  shift = log_weights - lse  # [B, K]
+  return functools.reduce(jnp.logaddexp, [shift[:, k, None] + x for k, x in enumerate(per_vector)])
 
 
 def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
@@ -185,7 +215,7 @@ def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     log_weights: `[B, K]`.
     targets: `[B]` item ids in 1..V.
     exclude: `[B, X]` item ids to drop from the ranking, 0 = none.
-    table: `[V, d]`.
+    table: `[V, D]`, or `[K, V, D]`: one table per vector.
     chunk_size: items scored at a time (0 = all at once).
     mesh: with a 'model' axis, chunks are split over it (see `_chunked_table`).
     user_block: users ranked together (0 = the whole batch); used when it divides B.
@@ -208,7 +238,7 @@ def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
 def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array, *,
                  table: Array, chunk_size: int, dtype, mesh: Mesh | None) -> Array:
   """`target_ranks` for one block of users (`exclude` no longer lists the target)."""
-  num_items = table.shape[0]
+  num_items = table.shape[-2]
   batch = vectors.shape[0]
   rows = jnp.arange(batch)[:, None]
 
@@ -222,12 +252,7 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     return (item_ids[None, :] > 0) & ~excluded & (item_ids[None, :] != targets[:, None])
 
   if chunk_size <= 0 or chunk_size >= num_items:
-    logits = _logits(vectors, table, dtype)  # [B, K, V], computed once.
-    if vectors.shape[1] == 1:
-      scores = logits[:, 0]
-    else:
-      lse = jax.nn.logsumexp(logits, axis=-1)
-      scores = jax.nn.logsumexp((log_weights - lse)[..., None] + logits, axis=1)
+    scores = _mixture_scores(vectors, log_weights, None, table, dtype)  # [B, V], computed once.
     target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
     columns = jnp.where(exclude > 0, exclude - 1, num_items)
     candidates = candidate_mask(jnp.arange(1, num_items + 1), columns)
@@ -236,13 +261,14 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
   lse = (log_normalizers(vectors, table, chunk_size, dtype, mesh)
          if vectors.shape[1] > 1 else jnp.zeros(vectors.shape[:2], jnp.float32))
   chunks = _chunked_table(table, chunk_size, mesh)
+  shared = table.ndim == 2  # Chunk rows are [1, C, D] for one shared table.
   exclude_chunk, exclude_column = chunks.locate(exclude)
   exclude_chunk = jnp.where(exclude > 0, exclude_chunk, -1)
   ids, chunk_index = chunks.ids, jnp.arange(chunks.num)
 
   def find_target(total, chunk):
     rows_, row_ids = chunk
-    scores = _mixture_scores(vectors, log_weights, lse, rows_, dtype)
+    scores = _mixture_scores(vectors, log_weights, lse, rows_[0] if shared else rows_, dtype)
     return total + jnp.sum(jnp.where(row_ids[None, :] == targets[:, None], scores, 0.0),
                            axis=1), None
 
@@ -251,7 +277,7 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
 
   def count(total, chunk):
     rows_, row_ids, index = chunk
-    scores = _mixture_scores(vectors, log_weights, lse, rows_, dtype)
+    scores = _mixture_scores(vectors, log_weights, lse, rows_[0] if shared else rows_, dtype)
     columns = jnp.where(exclude_chunk == index, exclude_column, row_ids.shape[-1])
     better = candidate_mask(row_ids, columns) & (scores >= target_score[:, None])
     return total + jnp.sum(better, axis=1, dtype=jnp.int32), None

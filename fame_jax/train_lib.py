@@ -81,7 +81,7 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
   targets = batch["targets"].reshape(b * length)
   log_prob = scoring.next_item_log_prob(
       out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
-      model_lib.item_table(params, model.cfg.num_items), chunk_size,
+      model_lib.item_tables(params, model.cfg), chunk_size,
       model_lib.DTYPES[model.cfg.dtype], mesh)
   weights = (targets > 0).astype(jnp.float32)
   return -jnp.sum(log_prob * weights), jnp.sum(weights)

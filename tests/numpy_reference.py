@@ -179,6 +179,9 @@ def brute_force_metrics(ranks) -> dict[str, float]:
 
 
 def mixture_log_prob(vectors: np.ndarray, log_weights: np.ndarray, table: np.ndarray) -> np.ndarray:
-  """log p(v) = log sum_k w_k softmax_v(<vectors_k, table_v>): [T, K, d], [T, K], [V, d] -> [T, V]."""
-  logits = np.einsum("tkd,vd->tkv", vectors, table)
+  """log p(v) = log sum_k w_k softmax_v(<vectors_k, table_v>): [T, K, d], [T, K], [V, d] -> [T, V].
+
+  A `[K, V, d]` table gives vector k its own table k.
+  """
+  logits = np.einsum("tkd,vd->tkv" if table.ndim == 2 else "tkd,kvd->tkv", vectors, table)
   return logsumexp(log_weights[:, :, None] + log_softmax(logits, axis=-1), axis=1)

@@ -58,7 +58,7 @@ def all_item_log_probs(model, variables, items):
   b, length, k, d = out.vectors.shape
   vectors = out.vectors.reshape(b * length, k, d)
   log_weights = out.log_weights.reshape(b * length, k)
-  table = model_lib.item_table(variables["params"], model.cfg.num_items)
+  table = model_lib.item_tables(variables["params"], model.cfg)
 
   def for_item(v):
     return scoring.next_item_log_prob(vectors, log_weights, jnp.full((b * length,), v), table)

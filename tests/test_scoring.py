@@ -49,11 +49,18 @@ def tied_problem(k: int, seed: int = 0):
   return vectors, log_weights, targets, exclude, table
 
 
+def per_vector_tables(table: np.ndarray, k: int, seed: int = 1) -> np.ndarray:
+  """`[K, V, d]`: table k is `table` with its columns permuted and signs flipped (ties kept)."""
+  rng = np.random.default_rng(seed)
+  return np.stack([table[:, rng.permutation(table.shape[1])] * rng.choice([-1, 1], table.shape[1])
+                   for _ in range(k)]).astype(table.dtype)
+
+
 def reference_scores(vectors, log_weights, table) -> np.ndarray:
   """[U, V]: the plain logit for K = 1, log p(v) for K > 1 (both rank identically for K = 1)."""
   vectors, log_weights, table = (np.asarray(a, np.float64) for a in (vectors, log_weights, table))
   if vectors.shape[1] == 1:
-    return vectors[:, 0] @ table.T
+    return vectors[:, 0] @ (table if table.ndim == 2 else table[0]).T
   return ref.mixture_log_prob(vectors, log_weights, table)
 
 
@@ -63,11 +70,15 @@ def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size, user_blo
                               user_block=user_block)
 
 
+@pytest.mark.parametrize("tables", ["shared", "per_vector"])
 @pytest.mark.parametrize("user_block", [0, 4])  # 4: three blocks of the 12 users.
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("k", [1, 3])
-def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk_size, user_block):
+def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk_size, user_block,
+                                                                         tables):
   vectors, log_weights, targets, exclude, table = tied_problem(k)
+  if tables == "per_vector":  # [K, V, d]: vector k scores against its own table (Eq. 9).
+    table = per_vector_tables(table, k)
   ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table,
                               chunk_size=chunk_size, user_block=user_block))
   scores = reference_scores(vectors, log_weights, table)
@@ -146,9 +157,12 @@ def random_loss_problem(k: int, seed: int = 1):
   return vectors, log_weights, targets, table
 
 
+@pytest.mark.parametrize("tables", ["shared", "per_vector"])
 @pytest.mark.parametrize("k", [1, 4])
-def test_next_item_log_prob_matches_numpy_and_chunking_changes_nothing(k):
+def test_next_item_log_prob_matches_numpy_and_chunking_changes_nothing(k, tables):
   vectors, log_weights, targets, table = random_loss_problem(k)
+  if tables == "per_vector":
+    table = per_vector_tables(table, k)
   expected = ref.mixture_log_prob(vectors.astype(np.float64), log_weights.astype(np.float64),
                                   table.astype(np.float64))
   expected = expected[np.arange(len(targets)), np.maximum(targets, 1) - 1]
