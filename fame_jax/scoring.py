@@ -171,28 +171,43 @@ def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table
   return jax.nn.logsumexp(log_weights + target_logits - lse, axis=-1)
 
 
-def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
-  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1.
-
-  `lse` `[B, K]` are the normalisers over the whole catalogue; None when `table`
-  is the whole catalogue (they are computed here). Each vector's `[B, C]` scores
-  are a plain matmul of their own, combined by one elementwise log-add: no
-  `[B, K, C]` buffer whose per-vector slices would be strided.
-  """
-  num_vectors = vectors.shape[1]
-
+def _vector_logits(vectors: Array, table: Array, dtype) -> list[Array]:
+  """Each vector's `[B, C]` logits, a plain matmul of its own (no `[B, K, C]` buffer whose
+  per-vector slices would be strided)."""
   def logits(k):
     rows = table if table.ndim == 2 else table[k]
     return jnp.dot(vectors[:, k].astype(dtype), rows.astype(dtype).T,
                    preferred_element_type=jnp.float32)
+  return [logits(k) for k in range(vectors.shape[1])]
 
-  if num_vectors == 1:
-    return logits(0)
-  per_vector = [logits(k) for k in range(num_vectors)]
+
+def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
+  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1.
+
+  `lse` `[B, K]`: the normalisers over the whole catalogue; None when `table`
+  is the whole catalogue (they are computed here).
+  """
+  per_vector = _vector_logits(vectors, table, dtype)
+  if len(per_vector) == 1:
+    return per_vector[0]
   if lse is None:
     lse = jnp.stack([jax.nn.logsumexp(x, axis=-1) for x in per_vector], axis=1)
   shift = log_weights - lse  # [B, K]
   return functools.reduce(jnp.logaddexp, [shift[:, k, None] + x for k, x in enumerate(per_vector)])
+
+
+def _mixture_probs(vectors, log_weights, table, dtype) -> Array:
+  """p(v) `[B, V]` over the whole catalogue `table` (K > 1), one exp per logit.
+
+  p(v) = sum_k w_k exp(s_k(v) - max_k) / Z_k orders items as log p(v) does, for
+  a third of the exps (log p also needs the log-add). It underflows to 0 for
+  items far below every head's best; `_block_ranks` falls back to log p for a
+  block whose targets come near that range.
+  """
+  shifted = [jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+             for x in _vector_logits(vectors, table, dtype)]  # (0, 1]
+  coef = jnp.exp(log_weights) / jnp.stack([e.sum(axis=-1) for e in shifted], axis=1)
+  return sum(coef[:, k, None] * e for k, e in enumerate(shifted))
 
 
 def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
@@ -251,12 +266,22 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     excluded = jnp.zeros((batch, width), bool).at[rows, excluded_columns].set(True, mode="drop")
     return (item_ids[None, :] > 0) & ~excluded & (item_ids[None, :] != targets[:, None])
 
-  if chunk_size <= 0 or chunk_size >= num_items:
-    scores = _mixture_scores(vectors, log_weights, None, table, dtype)  # [B, V], computed once.
-    target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
+  if chunk_size <= 0 or chunk_size >= num_items:  # [B, V] scores, computed once.
     columns = jnp.where(exclude > 0, exclude - 1, num_items)
     candidates = candidate_mask(jnp.arange(1, num_items + 1), columns)
-    return jnp.sum(candidates & (scores >= target_score), axis=1, dtype=jnp.int32)
+
+    def count(scores):
+      target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
+      return jnp.sum(candidates & (scores >= target_score), axis=1, dtype=jnp.int32), target_score
+
+    def log_domain():
+      return count(_mixture_scores(vectors, log_weights, None, table, dtype))[0]
+
+    if vectors.shape[1] == 1:
+      return log_domain()  # Plain logits.
+    ranks, target_p = count(_mixture_probs(vectors, log_weights, table, dtype))
+    # A target with p near float32's smallest normal could tie with items that underflowed.
+    return jax.lax.cond(jnp.all(target_p > 1e-30), lambda: ranks, log_domain)
 
   lse = (log_normalizers(vectors, table, chunk_size, dtype, mesh)
          if vectors.shape[1] > 1 else jnp.zeros(vectors.shape[:2], jnp.float32))

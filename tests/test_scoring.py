@@ -205,3 +205,20 @@ def test_log_normalizers_are_stable_for_large_logits(chunk_size):
   lse = np.asarray(scoring.log_normalizers(jnp.asarray(vectors), jnp.asarray(table), chunk_size))
   expected = ref.logsumexp(1000.0 * table[:, 0].astype(np.float64))
   np.testing.assert_allclose(lse, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("user_block", [0, 2])
+def test_ranks_stay_exact_when_the_target_probability_underflows(user_block):
+  """Peaked mixtures: the target lies ~1000 nats below every head's best item.
+
+  Its probability underflows float32, as do those of all items below it; the
+  rank must still count only the items that truly score higher.
+  """
+  table = np.linspace(-1.0, 1.0, V, dtype=np.float32)[:, None]  # [V, 1]: item i+1 -> table[i]
+  vectors = np.array([[[1000.0], [900.0]]] * 4, np.float32)  # [4 users, K=2, 1]
+  log_weights = np.log(np.full((4, 2), 0.5, np.float32))
+  targets = np.array([19, 2, 30, V], np.int32)  # Middle, near the bottom, high, the best item.
+  exclude = np.zeros((4, 1), np.int32)
+  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=0,
+                              user_block=user_block))
+  np.testing.assert_array_equal(ranks, V - targets)  # Exactly the items with a larger value.
