@@ -13,8 +13,9 @@ The next-item distribution at a position is then
   lse_k    = logsumexp_{v'} <vectors_k, e_k[v']>,
 
 which `fame_jax.scoring` evaluates against the whole catalogue in chunks, with
-e_k = E (the item table) when K = 1 and e_h = E W_f^(h) (per-head item
-embeddings, Eq. 9) for the mixture. This covers both rules of Eq. 11:
+e = E (the item table) for SASRec and "logit_sum", and e_h = E W_f^(h)
+(per-head item embeddings, Eq. 9) for the mixture. This covers both rules of
+Eq. 11:
 
 * logit_sum: score(v) = sum_h g_h <F^(h), E[v] W_f^(h)> = <sum_h g_h W_f^(h) F^(h), E[v]>,
   a single d-dimensional vector per position (K = 1), scored against E;
