@@ -155,7 +155,7 @@ def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table
   """log p(target) under the mixture of K softmaxes over the whole catalogue: `[T]`.
 
   Args:
-    vectors: `[T, K, d]` user vectors.
+    vectors: `[T, K, D]` user vectors.
     log_weights: `[T, K]` log mixture weights (zeros when K = 1).
     targets: `[T]` item ids in 1..V (0 = no target; its value is meaningless).
     table: `[V, D]` embeddings of items 1..V, or `[K, V, D]`: one table per vector.
