@@ -29,11 +29,12 @@ second call), and the first evaluation pass compiles.
 The machine may be shared (load average in the JSON), so the runs are
 INTERLEAVED in two phases, fame-jax runs first and PyTorch runs after (so
 that neither framework's heap and thread pool sits between the other's steps;
-PyTorch is not even imported before its phase): step i of every run of the phase, then step i+1, ...; each
-step is timed to completion (block_until_ready / eager torch), and an epoch
-time is the sum of its steps. Evaluation passes are interleaved likewise,
-`--eval_repeats` rounds, best pass kept. Noise from other processes then hits
-the runs of a phase alike, and the ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
+PyTorch is not even imported before its phase): step i of every run of the
+phase, then step i+1, ...; each step is timed to completion
+(block_until_ready / eager torch), and an epoch time is the sum of its steps.
+Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
+kept. Noise from other processes then hits the runs of a phase alike, and the
+ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
 fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
 `matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
 counting only the FLOPs the real (non-padding) tokens need (`forward_flops`),
@@ -162,10 +163,9 @@ def forward_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
       "output_layer": 2 * Y * cfg.vector_size * v * cfg.num_vectors,
   }
   if fame:
-    per_head_tables = cfg.combine == "mixture_of_softmax"
     out["fame_layer"] = (4 * T * d * d + 2 * T * d * d * n + 4 * S * d * n + 2 * T * d * n * n
                          + 2 * T * d * n + 4 * T * d * cfg.head_ffn_size + 2 * T * d * h
-                         + (2 * t.steps * v * d * d if per_head_tables
+                         + (2 * t.steps * v * d * d if cfg.per_head_tables
                             else 2 * T * d * d + 2 * T * d * h))
   return {key: float(x) for key, x in out.items()}
 
