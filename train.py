@@ -36,6 +36,9 @@ def main(argv):
     print(f"pre-empted: state saved at step {results['step']}; run the same command to resume")
     return
   print(f"best checkpoint: step {results['step']}")
+  peak = runtime.peak_device_memory_mib()
+  if peak is not None:
+    print(f"peak device memory: {peak:.0f} MiB")
   print(evaluation.format_table({"valid": results["valid"], "test": results["test"]}))
 
 

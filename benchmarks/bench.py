@@ -22,6 +22,9 @@ of `fame_jax.data`, the dataset config's defaults, batch 256), it measures:
    after the fame-jax runs and again at the end, best kept;
 5. peak RSS (resource.getrusage).
 
+On a GPU the PyTorch reference runs on the GPU too (`--torch_device`), with
+TF32 float32 matmuls in both frameworks.
+
 Compile time is excluded from every epoch and evaluation time and reported
 apart: every distinct batch shape is run twice first (compile = first call -
 second call), and the first evaluation pass compiles.
@@ -199,17 +202,25 @@ def matmul_peak(sizes: list[int], repeats: int) -> dict[str, Any]:
   return {"gflops": max(per_size.values()), "per_size_gflops": per_size}
 
 
-def torch_matmul_peak(sizes: list[int], repeats: int) -> float:
+def torch_matmul_peak(sizes: list[int], repeats: int, device: str = "cpu") -> float:
   import torch  # pylint: disable=g-import-not-at-top
   best_rate = 0.0
   for n in sizes:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     for _ in range(repeats):
       t0 = time.perf_counter()
-      torch.mm(a, b)
+      torch.mm(a, b).sum().item()  # .item() waits for the device.
       best_rate = max(best_rate, 2.0 * n ** 3 / (time.perf_counter() - t0) / 1e9)
   return best_rate
+
+
+def default_torch_device() -> str:
+  """"cuda" when fame-jax runs on a GPU and PyTorch sees one, else "cpu"."""
+  if jax.default_backend() != "gpu":
+    return "cpu"
+  import torch  # pylint: disable=g-import-not-at-top
+  return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -300,13 +311,14 @@ class TorchRun(Run):
   """benchmarks/torch_reference.py, eager or torch.compile'd, with torch.optim.Adam."""
 
   def __init__(self, key, label, layout, cfg, init_params, lr: float, compile_: bool,
-               literal: bool, buckets, eval_batch_size: int, has_eval: bool):
+               literal: bool, buckets, eval_batch_size: int, has_eval: bool, device: str):
     super().__init__(key, label, layout, cfg)
     import torch  # pylint: disable=g-import-not-at-top
     import torch_reference  # pylint: disable=g-import-not-at-top
-    self.torch, self.has_eval = torch, has_eval
+    self.torch, self.has_eval, self.device = torch, has_eval, device
     self.module = torch_reference.SequenceRecommender(cfg, literal_item_projection=literal)
     torch_reference.load_flax_params(self.module, init_params)
+    self.module.to(device)
     self.module.train()
     # optax.adam(1e-3): b1 0.9, b2 0.999, eps 1e-8; PyTorch's default (foreach) implementation.
     self.opt = torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
@@ -315,7 +327,7 @@ class TorchRun(Run):
     self.buckets, self.eval_batch_size = buckets, eval_batch_size
     if has_eval:  # Evaluated on fame-jax's trained parameters (set_eval_params), for the ranks.
       self.eval_module = torch_reference.SequenceRecommender(cfg, literal_item_projection=literal)
-      self.eval_module.eval()
+      self.eval_module.to(device).eval()
       self.rank_fn = (torch.compile(self.eval_module.ranks, dynamic=False) if compile_
                       else self.eval_module.ranks)
 
@@ -325,22 +337,22 @@ class TorchRun(Run):
 
   def step(self, batch):
     torch = self.torch
-    inputs = {k: torch.from_numpy(batch[k]).long() for k in self.keys}
+    inputs = {k: torch.from_numpy(batch[k]).long().to(self.device) for k in self.keys}
     self.opt.zero_grad(set_to_none=True)
     loss = self.loss_fn(**inputs)
     loss.backward()
     self.opt.step()
     count = float((batch["targets"] > 0).sum())
-    return float(loss.detach()) * count, count
+    return float(loss.detach()) * count, count  # float() waits for the device.
 
   def eval_pass(self, data):
     torch = self.torch
     ranks = np.empty(len(data.targets), np.int64)
     with torch.inference_mode():
       for batch, index in data_lib.eval_batches(data, self.eval_batch_size, self.buckets):
-        t = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+        t = {k: torch.from_numpy(v).long().to(self.device) for k, v in batch.items()}
         ranks[index] = self.rank_fn(t["items"], t["lengths"], t["targets"],
-                                    t["exclude"])[:len(index)].numpy()
+                                    t["exclude"])[:len(index)].cpu().numpy()
     return scoring.metrics_from_ranks(ranks), ranks
 
 
@@ -374,6 +386,7 @@ def machine_info() -> dict[str, Any]:
     pass
   info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
           "platform": platform.platform(), "jax_devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind,
           "load_avg_start": os.getloadavg()}
   for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
     try:  # Versions without importing (torch is imported only for its own phase).
@@ -437,6 +450,10 @@ def parse_args(argv):
   parser.add_argument("--torch_user_side_eq9", action="store_true",
                       help="Torch FAME applies Eq. 9 on the user side (W_f F^(h) against E, H times "
                            "the output-layer FLOPs of the per-head item tables fame-jax uses).")
+  parser.add_argument("--torch_device", default=None,
+                      help="Where the PyTorch reference runs (default: cuda when fame-jax runs on "
+                           "a GPU and PyTorch sees one, else cpu). On CUDA, float32 matmuls use "
+                           "TF32 in both frameworks (JAX's GPU default; PyTorch is set to match).")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads (default: all cores).")
   parser.add_argument("--keep_compile_caches", action="store_true",
@@ -561,12 +578,18 @@ def main(argv=None) -> dict[str, Any]:
   if not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
+    device = args.torch_device or default_torch_device()
+    if device.startswith("cuda"):
+      torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on the same GPU.
+    results["torch_device"] = device
     results["torch_threads"] = torch.get_num_threads()
-    results["torch_matmul_peak_gflops"] = torch_matmul_peak(sizes, max(2, args.matmul_repeats // 2))
-    log(f"float32 matmul peak (torch.mm, MKL): {results['torch_matmul_peak_gflops']:.1f} GFLOP/s")
+    results["torch_matmul_peak_gflops"] = torch_matmul_peak(
+        sizes, max(2, args.matmul_repeats // 2), device)
+    log(f"float32 matmul peak (torch.mm on {device}): "
+        f"{results['torch_matmul_peak_gflops']:.1f} GFLOP/s")
     common = dict(cfg=exp_fame.model.cfg, init_params=init_params,
                   lr=config.optim.learning_rate, literal=not args.torch_user_side_eq9,
-                  buckets=exp_fame.buckets, eval_batch_size=config.eval_batch_size)
+                  buckets=exp_fame.buckets, eval_batch_size=config.eval_batch_size, device=device)
     torch_runs.append(TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False,
                                has_eval=True, **common))
     if not args.skip_torch_compile:
@@ -672,7 +695,7 @@ def print_table(r: dict[str, Any]) -> None:
   ext = " (extrapolated from %d timed steps)" % r["timed_steps"] if r["extrapolated"] else ""
   m = r["machine"]
   print(f"\n{r['dataset']}: {r['steps_per_epoch']} steps/epoch{ext}, {r['eval_users']} validation "
-        f"users; {m['cpu']}, {m['cores']} cores; load avg {m['load_avg_start'][0]:.1f} -> "
+        f"users; {m['device_kind']}, {m['cpu']}, {m['cores']} cores; load avg {m['load_avg_start'][0]:.1f} -> "
         f"{m['load_avg_end'][0]:.1f}")
   print(f"{'':20} {'batches':>7} {'epoch s':>8} {'compile s':>9} {'eval s':>7} {'ev.cmp s':>8} "
         f"{'loss':>7} {'GFLOP/s':>8} {'of peak':>7}")

@@ -41,6 +41,14 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def peak_device_memory_mib() -> float | None:
+  """Peak bytes in use on this process's first device, MiB (None where not reported, e.g. CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """Starts JAX's multi-controller runtime when the run spans several processes.

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# On a machine with a GPU: the full FAME run on Beauty (wall time, host and device memory,
+# per-epoch times) and the side-by-side benchmark (PyTorch on the same GPU), all into OUT_DIR.
+#
+#   FAME_DATA_DIR=/path/to/data bash benchmarks/gpu.sh OUT_DIR
+#
+# The full run starts from an empty XLA compilation cache: its wall time includes compiling.
+# TRAIN_TIMEOUT / BENCH_TIMEOUT (seconds) bound the two parts; BENCH_ARGS adds flags to
+# bench.py (e.g. --skip_torch_compile); PYTHON names the interpreter (default python3).
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+out=$(mkdir -p "$out" && cd "$out" && pwd)
+cd "$here/.."  # The repository root.
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+"$py" - <<'PY' 2>&1 | tee "$out/versions.txt"
+import importlib.metadata as md
+import jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml_collections",
+             "tensorboardX", "numpy", "torch"):
+  try:
+    print(name, md.version(name))
+  except md.PackageNotFoundError:
+    print(name, None)
+print("devices", jax.devices(), jax.devices()[0].device_kind)
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
+  | tee -a "$out/versions.txt"
+
+# 1. The full run, as a user starts it (cold compilation cache, fresh workdir).
+work=$(mktemp -d)
+FAME_JAX_CACHE_DIR="$work/xla_cache" timeout "${TRAIN_TIMEOUT:-900}" \
+  "$py" "$here/timed_run.py" --out "$out/train_beauty.json" -- \
+  "$py" train.py --config configs/beauty.py --workdir "$work/beauty" 2>&1 \
+  | tee "$out/train_beauty.log"
+cp "$work/beauty/metrics.jsonl" "$out/train_beauty_metrics.jsonl" 2>/dev/null
+
+# 2. The benchmark. JAX does not pre-allocate GPU memory here, so PyTorch has room beside it.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_TIMEOUT:-1800}" \
+  "$py" "$here/bench.py" --dataset beauty --skip_torch_compile_packed ${BENCH_ARGS:-} \
+  --out "$out/bench_beauty.json" 2>&1 | tee "$out/bench_beauty.log"
