@@ -361,7 +361,7 @@ def parity(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> d
   import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
   loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(exp.model, p, b, None,
-                                                          exp.config.loss_chunk_size))
+                                                          exp.loss_chunk_size))
   loss_sum, count = loss_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
   jax_loss = float(loss_sum) / float(count)
   module = torch_reference.SequenceRecommender(exp.model.cfg)
@@ -548,7 +548,8 @@ def main(argv=None) -> dict[str, Any]:
   results: dict[str, Any] = {
       "dataset": dataset.name, "num_users": dataset.num_users, "num_items": dataset.num_items,
       "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
-      "fame_jax_layout": default_layout, "batch_shapes": shapes, "steps_per_epoch": steps,
+      "fame_jax_layout": default_layout, "loss_chunk_size": exp_fame.loss_chunk_size,
+      "eval_user_block": exp_fame.eval_user_block, "batch_shapes": shapes, "steps_per_epoch": steps,
       "timed_steps": num_timed, "extrapolated": num_timed < steps,
       "epoch_tokens": {k: dataclasses.asdict(v) for k, v in stats.items()},
       "eval_users": num_valid, "eval_users_timed": len(valid.targets), "machine": info,

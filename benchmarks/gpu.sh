@@ -4,8 +4,9 @@
 #
 #   FAME_DATA_DIR=/path/to/data bash benchmarks/gpu.sh OUT_DIR
 #
-# The full run starts from an empty XLA compilation cache: its wall time includes compiling.
-# TRAIN_TIMEOUT / BENCH_TIMEOUT (seconds) bound the two parts; BENCH_ARGS adds flags to
+# The first full run starts from an empty XLA compilation cache (its wall time includes
+# compiling), the second (skipped with SKIP_WARM_RUN=1) from the cache the first left.
+# TRAIN_TIMEOUT / BENCH_TIMEOUT (seconds) bound each run; BENCH_ARGS adds flags to
 # bench.py (e.g. --skip_torch_compile); PYTHON names the interpreter (default python3).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
@@ -29,13 +30,18 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
   | tee -a "$out/versions.txt"
 
-# 1. The full run, as a user starts it (cold compilation cache, fresh workdir).
+# 1. The full run, as a user starts it (cold compilation cache, fresh workdir), then the same
+#    run again into a new workdir with the compilation cache it left (compiles loaded from disk).
 work=$(mktemp -d)
-FAME_JAX_CACHE_DIR="$work/xla_cache" timeout "${TRAIN_TIMEOUT:-900}" \
-  "$py" "$here/timed_run.py" --out "$out/train_beauty.json" -- \
-  "$py" train.py --config configs/beauty.py --workdir "$work/beauty" 2>&1 \
-  | tee "$out/train_beauty.log"
-cp "$work/beauty/metrics.jsonl" "$out/train_beauty_metrics.jsonl" 2>/dev/null
+for run in cold warm; do
+  echo "[$(date +%T)] full Beauty run, $run compilation cache" | tee "$out/train_beauty_$run.log"
+  FAME_JAX_CACHE_DIR="$work/xla_cache" timeout "${TRAIN_TIMEOUT:-900}" \
+    "$py" "$here/timed_run.py" --out "$out/train_beauty_$run.json" -- \
+    "$py" train.py --config configs/beauty.py --workdir "$work/beauty_$run" 2>&1 \
+    | tee -a "$out/train_beauty_$run.log"
+  cp "$work/beauty_$run/metrics.jsonl" "$out/train_beauty_${run}_metrics.jsonl" 2>/dev/null
+  [ -n "${SKIP_WARM_RUN:-}" ] && break
+done
 
 # 2. The benchmark. JAX does not pre-allocate GPU memory here, so PyTorch has room beside it.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_TIMEOUT:-1800}" \

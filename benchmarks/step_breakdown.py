@@ -83,7 +83,7 @@ def main() -> None:
   vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.vector_size))
   log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
   print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k} "
-        f"loss_chunk_size={config.loss_chunk_size}: batch "
+        f"loss_chunk_size={exp.loss_chunk_size}: batch "
         f"{batch['items'].shape}, {int((batch['targets'] > 0).sum())} targets, V={num_items}, "
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
 
@@ -99,7 +99,7 @@ def main() -> None:
   fns["step"] = step
 
   def loss(p, b, r):
-    s, c = train_lib.next_item_loss(exp.model, p, b, r, config.loss_chunk_size)
+    s, c = train_lib.next_item_loss(exp.model, p, b, r, exp.loss_chunk_size)
     return s / c
 
   loss_grad = jax.jit(jax.value_and_grad(loss))
@@ -115,7 +115,7 @@ def main() -> None:
   fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
 
   def output(v, t):
-    lp = scoring.next_item_log_prob(v, log_w, targets, t, config.loss_chunk_size)
+    lp = scoring.next_item_log_prob(v, log_w, targets, t, exp.loss_chunk_size)
     return -jnp.sum(lp * (targets > 0))
 
   output_grad = jax.jit(jax.grad(output, argnums=(0, 1)))

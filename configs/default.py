@@ -77,11 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0  # Linear warm-up steps (0 = constant learning rate).
   config.optim.grad_clip_norm = 0.0  # Clip the global gradient norm (0 = off).
 
-  # Items per chunk of the streaming cross-entropy (0 = materialise all logits).
-  # Chunks keep the [tokens, chunk] logits in cache: 2x faster training steps on
-  # CPU than 0 (benchmarks/README.md), and memory O(tokens * chunk) for any catalogue.
-  config.loss_chunk_size = 1024
+  # Items per chunk of the streaming cross-entropy (0 = materialise all logits);
+  # memory O(tokens * chunk) for any catalogue. -1 = auto: 1024 on CPU, where the
+  # chunk's logits stay in cache (2x faster steps than 0, benchmarks/README.md);
+  # 0 on GPU/TPU, where each chunk costs a host round trip, unless the logits
+  # would pass 1 GiB (scoring.auto_chunk_size).
+  config.loss_chunk_size = -1
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
+  # Users ranked together (0 = the whole batch). -1 = auto: 32 on CPU (their
+  # scores stay in cache), 0 on GPU/TPU (scoring.auto_user_block).
+  config.eval_user_block = -1
 
   config.eval_every_epochs = 1  # Validate every this many epochs.
   config.early_stop_metric = "NDCG@10"  # Validation metric that picks the best checkpoint.

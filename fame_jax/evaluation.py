@@ -18,8 +18,11 @@ EvalFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
 def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
-                 chunk_size: int = 0) -> EvalFn:
-  """A jitted `(params, batch) -> ranks [B]` with the batch sharded over 'data'."""
+                 chunk_size: int = 0, user_block: int = scoring.CPU_USER_BLOCK) -> EvalFn:
+  """A jitted `(params, batch) -> ranks [B]` with the batch sharded over 'data'.
+
+  `chunk_size` and `user_block` are `scoring.target_ranks`'s.
+  """
   dtype = model_lib.DTYPES[model.cfg.dtype]
 
   def eval_step(params, batch):
@@ -34,24 +37,36 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
     vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
                                 model_lib.item_tables(params, model.cfg), chunk_size, dtype,
-                                mesh)
+                                mesh, user_block)
 
   return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh))
 
 
-def evaluate(eval_fn: EvalFn, params: Any, data: data_lib.EvalData, batch_size: int,
-             buckets: tuple[int, ...], mesh: jax.sharding.Mesh,
-             packing: bool = False) -> tuple[dict[str, float], np.ndarray]:
-  """Metrics over all users, and each user's 0-based rank (in user order).
+HostBatches = list[tuple[dict[str, np.ndarray], np.ndarray]]
+
+
+def host_batches(data: data_lib.EvalData, batch_size: int, buckets: tuple[int, ...],
+                 mesh: jax.sharding.Mesh, packing: bool = False) -> HostBatches:
+  """The batches of an evaluation pass and the users each holds; build once, evaluate often.
 
   With `packing`, histories are packed end to end into rows (one batch shape,
   no padding; `data.packed_eval_batches`), else padded to length `buckets`.
   """
-  sharding = sharding_lib.batch_sharding(mesh)
   if packing:
-    batches = data_lib.packed_eval_batches(data, batch_size, row_multiple=mesh.shape["data"])
-  else:
-    batches = data_lib.eval_batches(data, batch_size, buckets)
+    return list(data_lib.packed_eval_batches(data, batch_size, row_multiple=mesh.shape["data"]))
+  return list(data_lib.eval_batches(data, batch_size, buckets))
+
+
+def evaluate(eval_fn: EvalFn, params: Any, data: data_lib.EvalData, batch_size: int,
+             buckets: tuple[int, ...], mesh: jax.sharding.Mesh, packing: bool = False,
+             batches: HostBatches | None = None) -> tuple[dict[str, float], np.ndarray]:
+  """Metrics over all users, and each user's 0-based rank (in user order).
+
+  `batches` (from `host_batches` with the same arguments) saves rebuilding them.
+  """
+  sharding = sharding_lib.batch_sharding(mesh)
+  if batches is None:
+    batches = host_batches(data, batch_size, buckets, mesh, packing)
   pending = []
   for batch, index in batches:
     pending.append((eval_fn(params, sharding_lib.global_batch(batch, sharding)), index))

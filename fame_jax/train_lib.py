@@ -144,8 +144,9 @@ def validate_training_config(config: ml_collections.ConfigDict) -> None:
       ("eval_every_epochs", config.eval_every_epochs >= 1, ">= 1"),
       ("early_stop_patience", config.early_stop_patience >= 1, ">= 1"),
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, ">= 0"),
-      ("loss_chunk_size", config.loss_chunk_size >= 0, ">= 0"),
+      ("loss_chunk_size", config.loss_chunk_size >= -1, ">= 0, or -1 (auto)"),
       ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
+      ("eval_user_block", config.get("eval_user_block", -1) >= -1, ">= 0, or -1 (auto)"),
       ("optim.learning_rate", config.optim.learning_rate > 0, "> 0"),
       ("optim.warmup_steps", config.optim.warmup_steps >= 0, ">= 0"),
       ("optim.weight_decay", config.optim.weight_decay >= 0, ">= 0"),
@@ -216,34 +217,64 @@ class Experiment:
   def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
     repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
-    step = functools.partial(train_step, model=self.model, chunk_size=self.config.loss_chunk_size,
+    step = functools.partial(train_step, model=self.model, chunk_size=self.loss_chunk_size,
                              mesh=self.mesh)
     return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
-  def batch_plan(self) -> data_lib.BatchPlan:
-    """Training batches of this experiment (rows a multiple of the 'data' devices)."""
+  @functools.cached_property
+  def _plan(self) -> data_lib.BatchPlan:
     windows = data_lib.training_windows(data_lib.train_sequences(self.dataset),
                                         self.config.data.max_len)
     return data_lib.BatchPlan.create(windows, self.config,
                                      row_multiple=self.mesh.shape[sharding_lib.DATA_AXIS])
+
+  def batch_plan(self) -> data_lib.BatchPlan:
+    """Training batches of this experiment (rows a multiple of the 'data' devices)."""
+    return self._plan
+
+  @property
+  def loss_chunk_size(self) -> int:
+    """`config.loss_chunk_size`, with -1 resolved for this backend (`scoring.auto_chunk_size`)."""
+    if self.config.loss_chunk_size >= 0:
+      return self.config.loss_chunk_size
+    plan = self.batch_plan()
+    rows = plan.rows_per_batch if plan.packing else plan.batch_size
+    positions = rows * plan.max_len // self.mesh.shape[sharding_lib.DATA_AXIS]
+    return scoring.auto_chunk_size(jax.default_backend(), positions,
+                                   self.model.cfg.num_vectors, self.model.cfg.num_items)
+
+  @property
+  def eval_user_block(self) -> int:
+    """`config.eval_user_block`, with -1 resolved for this backend (`scoring.auto_user_block`)."""
+    block = self.config.get("eval_user_block", -1)  # Absent from configs saved before it.
+    if block >= 0:
+      return block
+    return scoring.auto_user_block(jax.default_backend())
 
   def eval_data(self, split: str) -> data_lib.EvalData:
     return data_lib.eval_data(data_lib.eval_split(self.dataset, split), self.config.data.max_len,
                               self.config.data.exclude_history)
 
   def make_eval_fn(self) -> evaluation.EvalFn:
-    return evaluation.make_eval_fn(self.model, self.mesh, self.config.eval_chunk_size)
+    return evaluation.make_eval_fn(self.model, self.mesh, self.config.eval_chunk_size,
+                                   self.eval_user_block)
+
+  def eval_batches(self, data: data_lib.EvalData) -> evaluation.HostBatches:
+    """`data`'s evaluation batches, as `evaluation.evaluate` cuts them for this config."""
+    config = self.config
+    return evaluation.host_batches(data, config.eval_batch_size, self.buckets, self.mesh,
+                                   config.data.packing)
 
 
 def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
-              valid_data: data_lib.EvalData, progress: Progress,
-              checkpoints: checkpointing.RunCheckpoints) -> dict[str, float]:
+              valid_data: data_lib.EvalData, valid_batches: evaluation.HostBatches,
+              progress: Progress, checkpoints: checkpointing.RunCheckpoints) -> dict[str, float]:
   """Validation metrics; saves the best state and advances early stopping."""
   config = exp.config
   start = time.perf_counter()
   metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, config.eval_batch_size,
-                                   exp.buckets, exp.mesh, config.data.packing)
+                                   exp.buckets, exp.mesh, config.data.packing, valid_batches)
   score = metrics[config.early_stop_metric]
   if score > progress.best_metric:
     progress.best_metric, progress.best_epoch = score, progress.epoch
@@ -315,10 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   exp = Experiment.from_config(config, dataset)
   plan = exp.batch_plan()
   valid_data = exp.eval_data("valid")
+  valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
-               "%d device(s)", exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
+               "%d %s device(s); loss chunk %d items, ranking block %d users (0 = all)",
+               exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
                len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
-               jax.device_count())
+               jax.device_count(), jax.default_backend(), exp.loss_chunk_size,
+               exp.eval_user_block)
 
   checkpoints = checkpointing.RunCheckpoints(workdir)
   restored = checkpoints.restore_latest(exp.abstract_state())
@@ -398,7 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         progress.epoch += 1
         progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
         if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
-          record.update(_validate(exp, eval_fn, state, valid_data, progress, checkpoints))
+          record.update(_validate(exp, eval_fn, state, valid_data, valid_batches, progress,
+                                  checkpoints))
         writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
         save_latest()
         logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

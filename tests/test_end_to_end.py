@@ -100,6 +100,20 @@ def test_offline_evaluation_round_trips(reference_run):
     assert offline[split] == pytest.approx(results[split], rel=1e-6, abs=1e-9)
 
 
+def test_a_config_saved_before_newer_fields_still_evaluates(reference_run, tmp_path):
+  workdir, results = reference_run
+  old = str(tmp_path / "old_run")
+  shutil.copytree(workdir, old)
+  with open(os.path.join(old, checkpointing.CONFIG_FILE)) as f:
+    saved = json.load(f)
+  del saved["eval_user_block"]  # Added after the first released runs.
+  saved["loss_chunk_size"] = 1024  # What those runs saved.
+  with open(os.path.join(old, checkpointing.CONFIG_FILE), "w") as f:
+    json.dump(saved, f)
+  offline = eval_lib.evaluate_workdir(checkpointing.load_config(old), old)
+  assert offline["valid"] == pytest.approx(results["valid"], rel=1e-6, abs=1e-9)
+
+
 def test_same_config_and_seed_reproduce_the_run(config, reference_run, tmp_path):
   workdir, results = reference_run
   again = train_lib.train_and_evaluate(config, str(tmp_path))

@@ -222,3 +222,22 @@ def test_ranks_stay_exact_when_the_target_probability_underflows(user_block):
   ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=0,
                               user_block=user_block))
   np.testing.assert_array_equal(ranks, V - targets)  # Exactly the items with a larger value.
+
+
+def test_auto_chunk_size_streams_on_cpu_and_scores_whole_catalogue_on_accelerators():
+  assert scoring.auto_chunk_size("cpu", rows=1550, num_vectors=2, num_items=12_101) == 1024
+  assert scoring.auto_chunk_size("gpu", rows=1550, num_vectors=2, num_items=12_101) == 0
+  assert scoring.auto_chunk_size("tpu", rows=1550, num_vectors=2, num_items=12_101) == 0
+
+
+def test_auto_chunk_size_keeps_accelerator_logits_under_the_budget():
+  rows, k, items = 12_800, 2, 10_000_000  # 1 TB of logits if materialised.
+  chunk = scoring.auto_chunk_size("gpu", rows=rows, num_vectors=k, num_items=items)
+  assert chunk > 0 and chunk % 1024 == 0
+  assert rows * k * chunk * 4 <= scoring.AUTO_LOGITS_BYTES
+  assert rows * k * (chunk + 1024) * 4 > scoring.AUTO_LOGITS_BYTES  # The largest that fits.
+
+
+def test_auto_user_block_blocks_users_on_cpu_only():
+  assert scoring.auto_user_block("cpu") == scoring.CPU_USER_BLOCK > 0
+  assert scoring.auto_user_block("gpu") == 0
