@@ -21,11 +21,13 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                     experiment: "train_lib.Experiment | None" = None) -> dict[str, Any]:
+                     experiment: "train_lib.Experiment | None" = None,
+                     eval_fn: evaluation.EvalFn | None = None) -> dict[str, Any]:
   """Restores the best checkpoint (or `step`) and ranks all items for valid and test users.
 
   Writes `<workdir>/eval_valid.json` and `<workdir>/eval_test.json` and returns
-  `{"valid": metrics, "test": metrics, "step": restored step}`.
+  `{"valid": metrics, "test": metrics, "step": restored step}`. `experiment` and
+  `eval_fn` (its `make_eval_fn()`, already compiled) save rebuilding them.
   """
   exp = train_lib.Experiment.from_config(config) if experiment is None else experiment
   checkpoints = checkpointing.RunCheckpoints(workdir)
@@ -40,7 +42,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int 
     state, _ = restored
   finally:
     checkpoints.close()
-  eval_fn = exp.make_eval_fn()
+  eval_fn = exp.make_eval_fn() if eval_fn is None else eval_fn
   results: dict[str, Any] = {"step": int(state.step)}
   for split in ("valid", "test"):
     metrics, _ = evaluation.evaluate(eval_fn, state.params, exp.eval_data(split),

@@ -348,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   valid_data = exp.eval_data("valid")
   valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
-               "%d %s device(s); loss chunk %d items, ranking block %d users (0 = all)",
+               "%d device(s) (%s); loss chunk %d items, ranking block %d users (0 = all)",
                exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
                len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
                jax.device_count(), jax.default_backend(), exp.loss_chunk_size,
@@ -452,4 +452,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     progress.step_in_epoch, workdir)
     return {"preempted": True, "step": int(state.step), "progress": progress.to_json()}
   from fame_jax import eval_lib  # pylint: disable=g-import-not-at-top
-  return eval_lib.evaluate_workdir(config, workdir, experiment=exp)
+  return eval_lib.evaluate_workdir(config, workdir, experiment=exp, eval_fn=eval_fn)
