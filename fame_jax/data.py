@@ -252,6 +252,40 @@ def epoch_packed_rows(lengths: np.ndarray, rows_per_batch: int, row_len: int, se
   return [rows[i:i + rows_per_batch] for i in range(0, len(rows), rows_per_batch)]
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """Where the tokens of sequences packed end to end into rows go (numpy, no Python loop).
+
+  For rows `[[a, b], [c]]` of sequence indices, sequence a starts row 0 at
+  column 0, b follows it, c starts row 1. Per sequence: `index` (the sequence
+  indices, in row order), `row`, `start` column, `segment` (1-based within its
+  row); per token: `token_sequence` (position in `index`), `token_position`
+  (0-based within its sequence) and `token_slot` (row, column arrays).
+  """
+  index: np.ndarray
+  row: np.ndarray
+  start: np.ndarray
+  segment: np.ndarray
+  token_sequence: np.ndarray
+  token_position: np.ndarray
+  token_slot: tuple[np.ndarray, np.ndarray]
+
+  @classmethod
+  def of(cls, rows: list[np.ndarray], lengths: np.ndarray) -> "PackedLayout":
+    sizes = np.array([len(r) for r in rows], np.int64)
+    index = np.concatenate(rows).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    n = lengths[index].astype(np.int64)
+    row = np.repeat(np.arange(len(rows)), sizes)
+    first = np.cumsum(sizes) - sizes  # Position in `index` of each row's first sequence.
+    before = np.cumsum(n) - n  # Tokens of all earlier sequences.
+    start = before - before[first][row]
+    segment = np.arange(len(index)) - first[row] + 1
+    token_sequence = np.repeat(np.arange(len(index)), n)
+    token_position = np.arange(int(n.sum())) - np.repeat(before, n)
+    return cls(index, row, start, segment, token_sequence, token_position,
+               (row[token_sequence], start[token_sequence] + token_position))
+
+
 def make_packed_batch(windows: Windows, rows: list[np.ndarray], rows_per_batch: int,
                       row_len: int) -> dict[str, np.ndarray]:
   """A `[rows_per_batch, row_len]` batch of windows packed end to end.
@@ -261,15 +295,12 @@ def make_packed_batch(windows: Windows, rows: list[np.ndarray], rows_per_batch: 
   """
   batch = {k: np.zeros((rows_per_batch, row_len), np.int32)
            for k in ("items", "targets", "segments", "positions")}
-  for r, row in enumerate(rows):
-    offset = 0
-    for segment, w in enumerate(row, start=1):
-      n = int(windows.lengths[w])
-      batch["items"][r, offset:offset + n] = windows.inputs[w, :n]
-      batch["targets"][r, offset:offset + n] = windows.targets[w, :n]
-      batch["segments"][r, offset:offset + n] = segment
-      batch["positions"][r, offset:offset + n] = np.arange(n)
-      offset += n
+  layout = PackedLayout.of(rows, windows.lengths)
+  source = (layout.index[layout.token_sequence], layout.token_position)
+  batch["items"][layout.token_slot] = windows.inputs[source]
+  batch["targets"][layout.token_slot] = windows.targets[source]
+  batch["segments"][layout.token_slot] = layout.segment[layout.token_sequence]
+  batch["positions"][layout.token_slot] = layout.token_position
   return batch
 
 
@@ -398,19 +429,14 @@ def packed_eval_batches(data: EvalData, batch_size: int, row_multiple: int = 1
     batch = {k: np.zeros((rows, row_len), np.int32) for k in ("items", "segments", "positions")}
     batch["user_rows"] = np.zeros(batch_size, np.int32)
     batch["user_columns"] = np.zeros(batch_size, np.int32)
-    index = np.concatenate(packing)
-    for r, row in enumerate(packing):
-      offset = 0
-      for segment, u in enumerate(row, start=1):
-        n = int(data.lengths[u])
-        batch["items"][r, offset:offset + n] = data.items[u, :n]
-        batch["segments"][r, offset:offset + n] = segment
-        batch["positions"][r, offset:offset + n] = np.arange(n)
-        offset += n
-    ends = np.concatenate([np.cumsum(data.lengths[row]) - 1 for row in packing])
-    row_of = np.concatenate([np.full(len(row), r) for r, row in enumerate(packing)])
-    batch["user_rows"][:len(index)] = row_of
-    batch["user_columns"][:len(index)] = ends
+    layout = PackedLayout.of(packing, data.lengths)
+    index = layout.index
+    batch["items"][layout.token_slot] = data.items[index[layout.token_sequence],
+                                                   layout.token_position]
+    batch["segments"][layout.token_slot] = layout.segment[layout.token_sequence]
+    batch["positions"][layout.token_slot] = layout.token_position
+    batch["user_rows"][:len(index)] = layout.row
+    batch["user_columns"][:len(index)] = layout.start + data.lengths[index] - 1
     batch["targets"] = np.ones(batch_size, np.int32)
     batch["targets"][:len(index)] = data.targets[index]
     batch["exclude"] = np.zeros((batch_size, data.exclude.shape[1]), np.int32)

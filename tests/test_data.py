@@ -196,6 +196,32 @@ def test_packed_epochs_depend_only_on_seed_and_epoch():
   assert rows(0, 0) != rows(1, 0)
 
 
+def test_packed_batch_equals_an_explicit_slot_by_slot_packing():
+  rng = np.random.default_rng(6)
+  lengths = rng.integers(1, 13, 40).astype(np.int32)
+  inputs = np.zeros((40, 12), np.int32)
+  targets = np.zeros((40, 12), np.int32)
+  for w, n in enumerate(lengths):
+    inputs[w, :n] = rng.integers(1, 99, n)
+    targets[w, :n] = rng.integers(0, 99, n)
+  windows = data_lib.Windows(inputs, targets, lengths)
+  rows = data_lib.pack_rows(lengths, rng.permutation(40), 12)
+  batch = data_lib.make_packed_batch(windows, rows, len(rows) + 2, 12)  # Two empty rows.
+  expected = {k: np.zeros((len(rows) + 2, 12), np.int32)
+              for k in ("items", "targets", "segments", "positions")}
+  for r, row in enumerate(rows):
+    column = 0
+    for segment, w in enumerate(row, start=1):
+      for position in range(lengths[w]):
+        expected["items"][r, column] = inputs[w, position]
+        expected["targets"][r, column] = targets[w, position]
+        expected["segments"][r, column] = segment
+        expected["positions"][r, column] = position
+        column += 1
+  for key, value in expected.items():
+    np.testing.assert_array_equal(batch[key], value, err_msg=key)
+
+
 def test_eval_data_and_batches_cover_every_user_once():
   rng = np.random.default_rng(3)
   sequences = random_sequences(rng, 13, 9, 3, 30)  # Items repeat (Yelp-like).
