@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On a machine with a GPU: the full FAME run on Beauty (wall time, host and device memory,
-# per-epoch times) and the side-by-side benchmark (PyTorch on the same GPU), all into OUT_DIR.
+# per-epoch times), the side-by-side benchmark (PyTorch on the same GPU) and a profile of the
+# training step (benchmarks/profile_step.py), all into OUT_DIR.
 #
 #   FAME_DATA_DIR=/path/to/data bash benchmarks/gpu.sh OUT_DIR
 #
 # The first full run starts from an empty XLA compilation cache (its wall time includes
 # compiling), the second (skipped with SKIP_WARM_RUN=1) from the cache the first left.
-# TRAIN_TIMEOUT / BENCH_TIMEOUT (seconds) bound each run; BENCH_ARGS adds flags to
+# TRAIN_TIMEOUT / BENCH_TIMEOUT / PROFILE_TIMEOUT (seconds) bound each run; BENCH_ARGS adds flags to
 # bench.py (e.g. --skip_torch_compile); PYTHON names the interpreter (default python3).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
@@ -47,3 +48,11 @@ done
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_TIMEOUT:-1800}" \
   "$py" "$here/bench.py" --dataset beauty --skip_torch_compile_packed ${BENCH_ARGS:-} \
   --out "$out/bench_beauty.json" 2>&1 | tee "$out/bench_beauty.log"
+
+# 3. Where a training step's time goes on this device: kernels per step, their summed time,
+#    and the share of the wall time with a kernel running (FAME, then SASRec).
+for model in fame sasrec; do
+  timeout "${PROFILE_TIMEOUT:-300}" "$py" "$here/profile_step.py" --dataset beauty --model "$model" \
+    --steps 20 --top 30 --trace_dir "$out/trace_$model" --out "$out/profile_$model.json" 2>&1 \
+    | tee "$out/profile_$model.log"
+done
