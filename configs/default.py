@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Items per chunk of the streaming cross-entropy (0 = materialise all logits);
   # memory O(tokens * chunk) for any catalogue. -1 = auto: 1024 on CPU, where the
   # chunk's logits stay in cache (2x faster steps than 0, benchmarks/README.md);
-  # 0 on GPU/TPU, where each chunk costs a host round trip, unless the logits
-  # would pass 1 GiB (scoring.auto_chunk_size).
+  # 0 on GPU/TPU (one matmul, no loop) unless the logits would pass 1 GiB
+  # (scoring.auto_chunk_size).
   config.loss_chunk_size = -1
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
   # Users ranked together (0 = the whole batch). -1 = auto: 32 on CPU (their
