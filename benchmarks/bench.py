@@ -425,13 +425,25 @@ def with_overrides(config, **overrides):
   return config
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+  """--dataset and --data_dir, shared by the scripts of benchmarks/."""
   parser.add_argument("--dataset", default="beauty", choices=sorted(DATASET_CONFIGS))
   parser.add_argument("--data_dir", default=os.environ.get(
       "FAME_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data")),
       help="Folder with the dataset files (default $FAME_DATA_DIR, else ../shared/data).")
+
+
+def dataset_config(args: argparse.Namespace):
+  """The dataset's config from configs/, reading its file from --data_dir."""
+  config = importlib.import_module(f"configs.{DATASET_CONFIGS[args.dataset]}").get_config()
+  config.data.dir = args.data_dir
+  return config
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_dataset_args(parser)
   parser.add_argument("--out", default=None, help="JSON file for the results.")
   parser.add_argument("--max_steps", type=int, default=0,
                       help="Time only the first N batches of the epoch and extrapolate (0 = all).")
@@ -511,8 +523,7 @@ def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, A
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   caches = cold_compile_caches(args.keep_compile_caches)
-  config = importlib.import_module(f"configs.{DATASET_CONFIGS[args.dataset]}").get_config()
-  config.data.dir = args.data_dir
+  config = dataset_config(args)
   info = machine_info()
   log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_avg_start']}, jax "
       f"{info['jax']} on {info['jax_devices']}, torch {info['torch']}")

@@ -19,7 +19,6 @@ import argparse
 import collections
 import glob
 import gzip
-import importlib
 import json
 import os
 import re
@@ -103,9 +102,7 @@ def summarize(ops: list[dict[str, Any]], steps: int, wall_s: float, top: int) ->
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dataset", default="beauty", choices=sorted(bench.DATASET_CONFIGS))
-  parser.add_argument("--data_dir", default=os.environ.get(
-      "FAME_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data")))
+  bench.add_dataset_args(parser)
   parser.add_argument("--model", default=None, help="Override config.model.name.")
   parser.add_argument("--steps", type=int, default=10, help="Training steps traced.")
   parser.add_argument("--top", type=int, default=15, help="Ops listed by time.")
@@ -113,8 +110,7 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="JSON file for the summary.")
   args = parser.parse_args()
 
-  config = importlib.import_module(f"configs.{bench.DATASET_CONFIGS[args.dataset]}").get_config()
-  config.data.dir = args.data_dir
+  config = bench.dataset_config(args)
   if args.model:
     config.model.name = args.model
   exp = train_lib.Experiment.from_config(config)

@@ -21,7 +21,6 @@ optimized HLO, i.e. how many passes over T x V memory XLA makes.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
@@ -46,9 +45,7 @@ import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dataset", default="beauty", choices=sorted(bench.DATASET_CONFIGS))
-  parser.add_argument("--data_dir", default=os.environ.get(
-      "FAME_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared", "data")))
+  bench.add_dataset_args(parser)
   parser.add_argument("--model", default=None, help="Override config.model.name.")
   parser.add_argument("--combine", default=None, help="Override config.model.combine.")
   parser.add_argument("--padded", action="store_true", help="config.data.packing=False.")
@@ -58,8 +55,7 @@ def main() -> None:
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args()
 
-  config = importlib.import_module(f"configs.{bench.DATASET_CONFIGS[args.dataset]}").get_config()
-  config.data.dir = args.data_dir
+  config = bench.dataset_config(args)
   if args.model:
     config.model.name = args.model
   if args.combine:
