@@ -78,6 +78,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from fame_jax import data as data_lib  # pylint: disable=wrong-import-position
 from fame_jax import evaluation  # pylint: disable=wrong-import-position
+from fame_jax import runtime  # pylint: disable=wrong-import-position
 from fame_jax import scoring  # pylint: disable=wrong-import-position
 from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
 from fame_jax import train_lib  # pylint: disable=wrong-import-position
@@ -689,6 +690,8 @@ def main(argv=None) -> dict[str, Any]:
     results["parity_max_rel_diff"] = max(p["rel_diff"] for p in results["parity"].values())
 
   results["peak_rss_mb"] = rss_mb()
+  # JAX's peak on its first device (GPU/TPU; None on CPU, where RSS above is the measure).
+  results["peak_device_memory_mib"] = runtime.peak_device_memory_mib()
   results["machine"]["load_avg_end"] = os.getloadavg()
   if not args.keep_compile_caches:
     shutil.rmtree(caches["torchinductor_cache_dir"], ignore_errors=True)
@@ -738,6 +741,8 @@ def print_table(r: dict[str, Any]) -> None:
     if "eval_ranks_equal_to_fame_jax" in run:
       print(f"{run['label']}: evaluation ranks equal to fame-jax's (same params) for "
             f"{100 * run['eval_ranks_equal_to_fame_jax']:.2f}% of users")
+  if r.get("peak_device_memory_mib") is not None:
+    print(f"peak device memory (JAX) {r['peak_device_memory_mib']:.0f} MiB")
   print(f"peak RSS {r['peak_rss_mb']:.0f} MiB (after: "
         + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_mb_after"].items()) + ")")
 
