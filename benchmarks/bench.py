@@ -407,12 +407,7 @@ def machine_info() -> dict[str, Any]:
 
 def epoch_batches(exp: train_lib.Experiment) -> list[dict[str, np.ndarray]]:
   """Epoch 0's training batches, exactly as fame-jax's training loop draws them."""
-  config = exp.config
-  if hasattr(exp, "batch_plan"):
-    return list(exp.batch_plan().batches(config.seed, 0))
-  windows = data_lib.training_windows(data_lib.train_sequences(exp.dataset), config.data.max_len)
-  return list(data_lib.train_batches(windows, config.batch_size, config.seed, 0, exp.buckets,
-                                     config.data.bucket_pool_batches))
+  return list(exp.batch_plan().batches(exp.config.seed, 0))
 
 
 def with_overrides(config, **overrides):

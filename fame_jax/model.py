@@ -353,18 +353,14 @@ def build_model(cfg: ModelConfig) -> SequenceRecommender:
   return SequenceRecommender(cfg)
 
 
-def item_table(params: Any, num_items: int) -> Array:
-  """The `[V, d]` embeddings of the real items 1..V (row i is item i + 1)."""
-  return params["item_embedding"]["embedding"][1:num_items + 1]
-
-
 def item_tables(params: Any, cfg: ModelConfig) -> Array:
   """What the user vectors score against: `[V, d]`, or `[H, V, d']` per-head tables.
 
   The per-head item embeddings e_v^(h) = E[v] W_f^(h) (Eq. 9) of FAME's mixture
-  rule; the item table E itself otherwise.
+  rule; the item table E itself otherwise. Row i is item i + 1 (the table's row 0
+  is padding, and rows past V pad it to a multiple of 128).
   """
-  table = item_table(params, cfg.num_items)
+  table = params["item_embedding"]["embedding"][1:cfg.num_items + 1]
   if not cfg.per_head_tables:
     return table
   return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])
