@@ -177,7 +177,7 @@ def test_next_item_log_prob_matches_numpy_and_chunking_changes_nothing(k, tables
   valid = targets > 0
   np.testing.assert_allclose(log_p0[valid], expected[valid], rtol=1e-5, atol=1e-5)
   assert np.isfinite(np.asarray(log_p0)).all()
-  for chunk_size in (5, 16):
+  for chunk_size in (1, 5, 16):  # 1: every chunk full; 5, 16: the last one padded.
     (value, log_p), grads = grad_fn(vectors, log_weights, table, chunk_size)
     np.testing.assert_allclose(log_p[valid], log_p0[valid], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value, value0, rtol=1e-5)
