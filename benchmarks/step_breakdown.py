@@ -161,9 +161,22 @@ def main() -> None:
       jax.block_until_ready(fns[name]())
       times[name].append(time.perf_counter() - t0)
   step_s = min(times["step"])
-  print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7}")
+  # Counted FLOPs (benchmarks/README.md "FLOPs counted") against the matmul peak, measured
+  # after the timings (GB-sized matrices first would slow the steps that follow).
+  flops = bench.train_flops(cfg, bench.TokenStats.of([batch]))
+  peak = bench.matmul_peak([2048, 3072], repeats=3)["gflops"]
+  counted = {"step": flops["total"], "loss_grad": flops["total"],
+             "output_grad": flops["output_layer"], "torch_eager_output_grad": flops["output_layer"],
+             "torch_compile_output_grad": flops["output_layer"]}
+  print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7} {'GFLOP/s':>8} {'of peak':>7}")
   for name, ts in times.items():
-    print(f"{name:26} {1e3 * min(ts):8.1f} {1e3 * np.median(ts):9.1f} {100 * min(ts) / step_s:6.0f}%")
+    rate = counted.get(name, 0.0) / min(ts) / 1e9
+    print(f"{name:26} {1e3 * min(ts):8.1f} {1e3 * np.median(ts):9.1f} {100 * min(ts) / step_s:6.0f}%"
+          + (f" {rate:8.1f} {100 * rate / peak:6.1f}%" if name in counted else ""))
+  print(f"matmul peak {peak:.1f} GFLOP/s (float32 jnp.dot). Counted FLOPs of this step: "
+        f"{flops['total'] / 1e9:.2f} G, {100 * flops['output_layer'] / flops['total']:.0f}% in "
+        f"the output layer. Were the rest of the step free, the step would run at "
+        f"{100 * flops['total'] / min(times['output_grad']) / 1e9 / peak:.1f}% of the peak.")
 
   hlo = p_step.lower(box["state"], sharding_lib.global_batch(batch, sharding), rng).compile().as_text()
   big = re.compile(r"^\s*(?:ROOT )?%(\S+) = (f32|bf16|pred|s32)\[([\d,]*)\][^ ]* (fusion|dot|copy|"

@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1  # Validate every this many epochs.
   config.early_stop_metric = "NDCG@10"  # Validation metric that picks the best checkpoint.
   config.early_stop_patience = 10  # Stop after this many evaluations without improvement.
+  # At an epoch's end, save (latest and a new best state) only when this many seconds
+  # have passed since the last save (0 = every epoch). The last epoch, early stopping
+  # and SIGTERM always save; a crash loses at most this long plus an epoch.
+  config.checkpoint_every_secs = 30.0
   config.checkpoint_every_steps = 0  # Also save the latest state every this many steps (0 = per epoch only).
   config.log_every_steps = 50  # Progress-bar loss refresh (a host sync) every this many steps.
   config.mesh_model_axis = 1  # Devices on the 'model' axis (shards the item table); 1 = pure data parallel.

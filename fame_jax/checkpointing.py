@@ -23,8 +23,8 @@ CONFIG_FILE = "config.json"
 # Fields that may change between a run and its resumption or evaluation.
 MUTABLE_FIELDS = frozenset({
     "num_epochs", "eval_batch_size", "eval_every_epochs", "early_stop_patience",
-    "checkpoint_every_steps", "log_every_steps", "data.dir", "eval_chunk_size",
-    "loss_chunk_size", "eval_user_block",
+    "checkpoint_every_steps", "checkpoint_every_secs", "log_every_steps", "data.dir",
+    "eval_chunk_size", "loss_chunk_size", "eval_user_block",
 })
 
 

@@ -144,6 +144,7 @@ def validate_training_config(config: ml_collections.ConfigDict) -> None:
       ("eval_every_epochs", config.eval_every_epochs >= 1, ">= 1"),
       ("early_stop_patience", config.early_stop_patience >= 1, ">= 1"),
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, ">= 0"),
+      ("checkpoint_every_secs", config.get("checkpoint_every_secs", 0) >= 0, ">= 0"),
       ("loss_chunk_size", config.loss_chunk_size >= -1, ">= 0, or -1 (auto)"),
       ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
       ("eval_user_block", config.get("eval_user_block", -1) >= -1, ">= 0, or -1 (auto)"),
@@ -269,17 +270,22 @@ class Experiment:
 
 def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
               valid_data: data_lib.EvalData, valid_batches: evaluation.HostBatches,
-              progress: Progress, checkpoints: checkpointing.RunCheckpoints) -> dict[str, float]:
-  """Validation metrics; saves the best state and advances early stopping."""
+              progress: Progress) -> tuple[dict[str, float], dict[str, Any] | None]:
+  """Validation metrics, and advances early stopping.
+
+  Returns the record's fields and, when the state is the best so far, the metadata of
+  its "best" checkpoint (else None).
+  """
   config = exp.config
   start = time.perf_counter()
   metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, config.eval_batch_size,
                                    exp.buckets, exp.mesh, config.data.packing, valid_batches)
   score = metrics[config.early_stop_metric]
+  best_meta = None
   if score > progress.best_metric:
     progress.best_metric, progress.best_epoch = score, progress.epoch
     progress.evals_without_improvement = 0
-    checkpoints.save_best(int(state.step), state, {"progress": progress.to_json(), "valid": metrics})
+    best_meta = {"progress": progress.to_json(), "valid": metrics}
   else:
     progress.evals_without_improvement += 1
     if progress.evals_without_improvement >= config.early_stop_patience:
@@ -288,7 +294,14 @@ def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
                    config.early_stop_metric, config.early_stop_patience, progress.best_metric,
                    progress.best_epoch)
   return {"eval_seconds": time.perf_counter() - start,
-          **{f"valid/{k}": v for k, v in metrics.items()}}
+          **{f"valid/{k}": v for k, v in metrics.items()}}, best_meta
+
+
+def _all_agree(decision: bool) -> bool:
+  """Process 0's `decision` in every process: Orbax saves are collective, and clocks differ."""
+  if jax.process_count() == 1:
+    return decision
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
 
 
 class PreemptionWatcher:
@@ -373,8 +386,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.truncate(after_epoch=progress.epoch)  # Drop lines of epochs the resume will redo.
 
+  # A new best state waits on the device (a copy: the next step donates `state`) until
+  # the next save of the latest state, which writes both: the two on disk always agree.
+  pending_best: tuple[int, TrainState, dict[str, Any]] | None = None
+  last_save = time.monotonic()
+
   def save_latest():
+    nonlocal pending_best, last_save
+    if pending_best is not None:
+      checkpoints.save_best(*pending_best)
+      pending_best = None
     checkpoints.save_latest(host_step, state, {"progress": progress.to_json()})
+    last_save = time.monotonic()
 
   def check_finite(bad_step) -> None:
     bad = int(bad_step)
@@ -431,11 +454,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   "train_seconds": time.perf_counter() - epoch_start}
         progress.epoch += 1
         progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
+        best_meta = None
         if progress.epoch % config.eval_every_epochs == 0 or progress.epoch == config.num_epochs:
-          record.update(_validate(exp, eval_fn, state, valid_data, valid_batches, progress,
-                                  checkpoints))
+          fields, best_meta = _validate(exp, eval_fn, state, valid_data, valid_batches, progress)
+          record.update(fields)
         writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
-        save_latest()
+        due = (progress.finished or progress.epoch >= config.num_epochs
+               or preemption.reached(host_step) or _all_agree(
+                   time.monotonic() - last_save >= config.checkpoint_every_secs))
+        if best_meta is not None:
+          pending_best = (host_step, state if due else jax.tree.map(jnp.copy, state), best_meta)
+        if due:
+          save_latest()
         logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in record.items()))
         if preemption.reached(host_step):

@@ -19,6 +19,7 @@ from conftest import small_synthetic_config
 from fame_jax import checkpointing
 from fame_jax import data as data_lib
 from fame_jax import eval_lib
+from fame_jax import evaluation
 from fame_jax import metric_writers
 from fame_jax import train_lib
 
@@ -122,13 +123,20 @@ def test_same_config_and_seed_reproduce_the_run(config, reference_run, tmp_path)
   assert again["valid"] == results["valid"] and again["test"] == results["test"]
 
 
-def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every_secs", [0.0, 1e9])
+def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkeypatch,
+                                         checkpoint_every_secs):
   """SIGTERM inside epoch 3, then a crash inside epoch 5: the resumed run equals the reference.
 
   The interruptions are triggered from the train step (by its global step
   number), so they do not depend on how far ahead batches are prefetched.
+  With checkpoints every epoch the crash loses epoch 5 only; with a time
+  interval longer than the run, SIGTERM's checkpoint is the only one before
+  the end, and the crash sends the run back to it.
   """
   workdir = str(tmp_path)
+  config = config.copy_and_resolve_references()
+  config.checkpoint_every_secs = checkpoint_every_secs
   reference_dir, reference = reference_run
   steps_per_epoch = metric_writers.read_metrics(reference_dir)[0]["step"]
   assert steps_per_epoch >= 3
@@ -160,16 +168,43 @@ def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkey
   assert out["step"] == sigterm_step  # Saved mid-epoch, at the step it stopped.
   assert [r["epoch"] for r in metric_writers.read_metrics(workdir)] == [1, 2]
 
-  interrupt[4 * steps_per_epoch + 1] = "crash"  # Epoch 5's first step; last checkpoint: epoch 4.
+  interrupt[4 * steps_per_epoch + 1] = "crash"  # Epoch 5's first step.
   with pytest.raises(RuntimeError, match="simulated crash"):
     train_lib.train_and_evaluate(config, workdir)
   assert [r["epoch"] for r in metric_writers.read_metrics(workdir)] == [1, 2, 3, 4]
+  expected_latest = 4 * steps_per_epoch if checkpoint_every_secs == 0 else sigterm_step
+  assert max(checkpointing.RunCheckpoints(workdir).latest.all_steps()) == expected_latest
 
   results = train_lib.train_and_evaluate(config, workdir)
   assert not interrupt  # Both interruptions happened.
   assert comparable(metric_writers.read_metrics(workdir)) == comparable(
       metric_writers.read_metrics(reference_dir))
   assert results["valid"] == reference["valid"] and results["test"] == reference["test"]
+
+
+def test_checkpoints_throttled_by_time_keep_the_best_state(config, reference_run, tmp_path,
+                                                           monkeypatch):
+  """With an interval longer than the run, the state is saved once, at the end; the best
+  state of an earlier epoch, kept on the device while training went on, is saved with it."""
+  reference_dir, _ = reference_run
+  records = metric_writers.read_metrics(reference_dir)
+  scores = iter([0.1, 0.3, 0.5])  # Early-stopping score of epochs 1-3; 0.2 after: epoch 3 is best.
+  evaluate = evaluation.evaluate
+
+  def scripted_evaluate(*args, **kwargs):
+    metrics, ranks = evaluate(*args, **kwargs)
+    return {**metrics, "NDCG@10": next(scores, 0.2)}, ranks
+
+  monkeypatch.setattr(evaluation, "evaluate", scripted_evaluate)
+  throttled = config.copy_and_resolve_references()
+  throttled.checkpoint_every_secs = 1e9
+  results = train_lib.train_and_evaluate(throttled, str(tmp_path))
+  saved = checkpointing.RunCheckpoints(str(tmp_path))
+  assert list(saved.latest.all_steps()) == [records[-1]["step"]]
+  assert list(saved.best.all_steps()) == [records[2]["step"]] == [results["step"]]
+  # The restored best state is epoch 3's: it reproduces the metrics measured then.
+  for metric in ("HR@10", "NDCG@20", "MRR"):
+    assert results["valid"][metric] == pytest.approx(records[2][f"valid/{metric}"], rel=1e-6)
 
 
 def test_more_epochs_on_a_finished_workdir_resume_training(config, reference_run, tmp_path):

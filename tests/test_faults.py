@@ -68,6 +68,7 @@ OVERRIDES: dict[str, Any] = {
     "batch_size": 64,
     "eval_batch_size": 128,
     "checkpoint_every_steps": 2,
+    "checkpoint_every_secs": 0.0,
     "early_stop_patience": 100,
 }
 NUM_EPOCHS = OVERRIDES["num_epochs"]
