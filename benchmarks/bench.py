@@ -38,10 +38,11 @@ phase, then step i+1, ...; each step is timed to completion
 A fame-jax epoch is then also timed as the training loop runs it
 (`--pipelined_epochs` rounds, interleaved by epoch, best kept): steps dispatched
 back to back while the next batches are transferred (`prefetch_to_mesh`), one
-sync at the end. That is fame-jax's `epoch_s`; blocking after every step
-costs it the overlap of the host with the device (~20% of a Beauty epoch on 2
-CPU cores). PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the
-sum of its steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
+sync at the end. That is fame-jax's `epoch_s`: blocking after every step
+costs it the overlap of the host with the device, which matters where steps
+are short (a GPU); on 2 CPU cores (~75 ms steps) the two agree within noise.
+PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the sum of its
+steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
 kept. Noise from other processes then hits the runs of a phase alike, and the
 ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
 fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
