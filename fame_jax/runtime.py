@@ -1,4 +1,4 @@
-"""Process set-up for the entry points: logging and the XLA compilation cache."""
+"""Process set-up: logging, the XLA compilation cache, multi-process start, the CPU PRNG lowering."""
 
 import logging as py_logging
 import os
@@ -6,8 +6,11 @@ import sys
 from typing import Callable
 
 import jax
-
+import numpy as np
 from absl import logging
+from jax import lax
+from jax.extend import random as jex_random
+from jax.interpreters import mlir
 
 
 class _OwnInfoOnly(py_logging.Filter):
@@ -39,6 +42,42 @@ def enable_compilation_cache() -> None:
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _threefry2x32_unrolled(key1, key2, x1, x2):
+  """Threefry-2x32, 20 rounds written out: the function JAX lowers to on GPU and TPU."""
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  ks = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ (lax.shift_left(x2, np.uint32(r)) | lax.shift_right_logical(x2, np.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+_threefry_unrolled_on_cpu = False
+
+
+def unroll_threefry_on_cpu() -> None:
+  """Lowers JAX's threefry PRNG on CPU without its rolled loop: the same bits, faster.
+
+  On CPU, JAX lowers threefry-2x32 to a 5-iteration XLA while loop (smaller
+  programs); every dropout mask of a training step then makes 5 passes over its
+  `[tokens, ...]` counters, each a handful of unfused ops. Written out, XLA
+  fuses the 20 rounds into one pass: the same random bits (tests/test_runtime.py
+  checks them against the published test vectors), ~4% off a Beauty training
+  step on 2 CPU cores and a shorter compile. Idempotent; GPU and TPU lowerings
+  are left alone.
+  """
+  global _threefry_unrolled_on_cpu
+  if not _threefry_unrolled_on_cpu:
+    mlir.register_lowering(jex_random.threefry2x32_p,
+                           mlir.lower_fun(_threefry2x32_unrolled, multiple_results=True),
+                           platform="cpu")
+    _threefry_unrolled_on_cpu = True
 
 
 def peak_device_memory_mib() -> float | None:

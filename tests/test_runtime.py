@@ -1,0 +1,67 @@
+"""fame_jax.runtime: threefry on CPU lowered without its loop draws the very same bits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.extend import random as jex_random
+
+from fame_jax import runtime
+
+# Threefry-2x32 with 20 rounds: (key, counter) -> output, the known-answer vectors published
+# with Random123 (Salmon et al., SC 2011).
+KNOWN_ANSWERS = [
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+]
+
+# What the test draws, in a process that does (argv "unrolled") or does not lower threefry
+# without its loop: raw bits, a uniform draw and a dropout-style Bernoulli mask.
+DRAWS = """
+import sys
+import jax, numpy as np
+from fame_jax import runtime
+if sys.argv[1] == "unrolled":
+  runtime.unroll_threefry_on_cpu()
+key = jax.random.key(7)
+draw = jax.jit(lambda k: (jax.random.bits(k, (257, 33)),
+                          jax.random.uniform(jax.random.fold_in(k, 1), (31, 50, 64)),
+                          jax.random.bernoulli(jax.random.fold_in(k, 2), 0.5, (2, 31, 50, 4, 50))))
+np.savez(sys.argv[2], *[np.asarray(x) for x in draw(key)])
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unrolled_threefry():
+  runtime.unroll_threefry_on_cpu()
+
+
+def test_unrolled_threefry_gives_the_published_known_answers():
+  threefry = jax.jit(lambda key, count: jex_random.threefry_2x32(key, count))
+  for key, count, expected in KNOWN_ANSWERS:
+    got = threefry(np.array(key, np.uint32), np.array(count, np.uint32))
+    np.testing.assert_array_equal(np.asarray(got), np.array(expected, np.uint32))
+
+
+def test_random_draws_equal_those_of_jax_own_cpu_lowering(tmp_path):
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  files = {}
+  for mode in ("rolled", "unrolled"):
+    files[mode] = str(tmp_path / f"{mode}.npz")
+    subprocess.run([sys.executable, "-c", DRAWS, mode, files[mode]], check=True, env=env,
+                   timeout=300)
+  rolled, unrolled = np.load(files["rolled"]), np.load(files["unrolled"])
+  assert len(rolled.files) == 3
+  for name in rolled.files:
+    np.testing.assert_array_equal(unrolled[name], rolled[name])
+
+
+def test_random_bits_on_cpu_compile_without_a_loop():
+  draw = jax.jit(lambda k: jax.random.bernoulli(k, 0.5, (31, 50, 64)))
+  assert " while(" not in draw.lower(jax.random.key(0)).compile().as_text()
