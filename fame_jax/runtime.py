@@ -1,5 +1,6 @@
 """Process set-up: logging, the XLA compilation cache, multi-process start, the CPU PRNG lowering."""
 
+import functools
 import logging as py_logging
 import os
 import sys
@@ -58,9 +59,7 @@ def _threefry2x32_unrolled(key1, key2, x1, x2):
   return x1, x2
 
 
-_threefry_unrolled_on_cpu = False
-
-
+@functools.cache
 def unroll_threefry_on_cpu() -> None:
   """Lowers JAX's threefry PRNG on CPU without its rolled loop: the same bits, faster.
 
@@ -69,15 +68,12 @@ def unroll_threefry_on_cpu() -> None:
   `[tokens, ...]` counters, each a handful of unfused ops. Written out, XLA
   fuses the 20 rounds into one pass: the same random bits (tests/test_runtime.py
   checks them against the published test vectors), ~4% off a Beauty training
-  step on 2 CPU cores and a shorter compile. Idempotent; GPU and TPU lowerings
-  are left alone.
+  step on 2 CPU cores and a shorter compile. Runs once per process; GPU and TPU
+  lowerings are left alone.
   """
-  global _threefry_unrolled_on_cpu
-  if not _threefry_unrolled_on_cpu:
-    mlir.register_lowering(jex_random.threefry2x32_p,
-                           mlir.lower_fun(_threefry2x32_unrolled, multiple_results=True),
-                           platform="cpu")
-    _threefry_unrolled_on_cpu = True
+  mlir.register_lowering(jex_random.threefry2x32_p,
+                         mlir.lower_fun(_threefry2x32_unrolled, multiple_results=True),
+                         platform="cpu")
 
 
 def peak_device_memory_mib() -> float | None:
