@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with a GPU: the full FAME run on Beauty (wall time, host and device memory,
-# per-epoch times), the side-by-side benchmark (PyTorch on the same GPU) and a profile of the
-# training step (benchmarks/profile_step.py), all into OUT_DIR.
+# On a machine with a GPU: a profile of the training step (benchmarks/profile_step.py), the
+# full FAME run on Beauty (wall time, host and device memory, per-epoch times) and the
+# side-by-side benchmark (PyTorch on the same GPU), in that order, all into OUT_DIR.
 #
 #   FAME_DATA_DIR=/path/to/data bash benchmarks/gpu.sh OUT_DIR
 #
@@ -31,7 +31,16 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
   | tee -a "$out/versions.txt"
 
-# 1. The full run, as a user starts it (cold compilation cache, fresh workdir), then the same
+# 1. Where a training step's time goes on this device: kernels per step, their summed time,
+#    and the share of the wall time with a kernel running (FAME, then SASRec). First: it is
+#    short, and it is what the next optimisation needs (device time is scarce).
+for model in fame sasrec; do
+  timeout "${PROFILE_TIMEOUT:-300}" "$py" "$here/profile_step.py" --dataset beauty --model "$model" \
+    --steps 20 --top 30 --trace_dir "$out/trace_$model" --out "$out/profile_$model.json" 2>&1 \
+    | tee "$out/profile_$model.log"
+done
+
+# 2. The full run, as a user starts it (cold compilation cache, fresh workdir), then the same
 #    run again into a new workdir with the compilation cache it left (compiles loaded from disk).
 work=$(mktemp -d)
 for run in cold warm; do
@@ -44,15 +53,8 @@ for run in cold warm; do
   [ -n "${SKIP_WARM_RUN:-}" ] && break
 done
 
-# 2. The benchmark. JAX does not pre-allocate GPU memory here, so PyTorch has room beside it.
+# 3. The benchmark. JAX does not pre-allocate GPU memory here, so PyTorch has room beside it.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_TIMEOUT:-1800}" \
   "$py" "$here/bench.py" --dataset beauty --skip_torch_compile_packed ${BENCH_ARGS:-} \
   --out "$out/bench_beauty.json" 2>&1 | tee "$out/bench_beauty.log"
 
-# 3. Where a training step's time goes on this device: kernels per step, their summed time,
-#    and the share of the wall time with a kernel running (FAME, then SASRec).
-for model in fame sasrec; do
-  timeout "${PROFILE_TIMEOUT:-300}" "$py" "$here/profile_step.py" --dataset beauty --model "$model" \
-    --steps 20 --top 30 --trace_dir "$out/trace_$model" --out "$out/profile_$model.json" 2>&1 \
-    | tee "$out/profile_$model.log"
-done
