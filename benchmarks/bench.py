@@ -256,6 +256,7 @@ class Run:
     self.eval_s: list[float] = []
     self.eval_first_s = None
     self.eval_result = None
+    self.pipelined_s: list[float] = []  # Epochs timed back to back (fame-jax runs only).
 
   def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     raise NotImplementedError
@@ -302,7 +303,6 @@ class JaxRun(Run):
     self.sharding = sharding_lib.batch_sharding(exp.mesh)
     self.rng = jax.random.fold_in(jax.random.key(exp.config.seed), 1)  # As the training loop.
     self.eval_fn = exp.make_eval_fn() if has_eval else None
-    self.pipelined_s: list[float] = []
 
   def step(self, batch):
     self.state, metrics = self.p_step(self.state, sharding_lib.global_batch(batch, self.sharding),
@@ -668,7 +668,7 @@ def main(argv=None) -> dict[str, Any]:
     positions = sum(b["items"].size for b in timed[run.layout])
     scale = stats[run.layout].padded_positions / positions  # 1 unless --max_steps.
     epoch_blocked_s = timed_s * scale
-    pipelined_s = getattr(run, "pipelined_s", [])
+    pipelined_s = run.pipelined_s
     epoch_s = min(pipelined_s) * scale if pipelined_s else epoch_blocked_s
     r = {"label": run.label, "layout": run.layout, "epoch_s": epoch_s,
          "epoch_timing": "pipelined" if pipelined_s else "blocked_steps",

@@ -461,17 +461,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           fields, best_meta = _validate(exp, eval_fn, state, valid_data, valid_batches, progress)
           record.update(fields)
         writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
-        due = (progress.finished or progress.epoch >= config.num_epochs
-               or preemption.reached(host_step) or _all_agree(
-                   time.monotonic() - last_save >= config.checkpoint_every_secs))
+        # Asked once: a SIGTERM arriving after the save decision must not stop an unsaved run.
+        preempted = preemption.reached(host_step)
+        due = (progress.finished or progress.epoch >= config.num_epochs or preempted
+               or _all_agree(time.monotonic() - last_save >= config.checkpoint_every_secs))
         if best_meta is not None:
           pending_best = (host_step, state if due else jax.tree.map(jnp.copy, state), best_meta)
         if due:
           save_latest()
         logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in record.items()))
-        if preemption.reached(host_step):
-          preempted = True
+        if preempted:
           break
     finally:
       checkpoints.wait()
