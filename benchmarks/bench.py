@@ -550,6 +550,7 @@ def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, A
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
   caches = cold_compile_caches(args.keep_compile_caches)
   config = dataset_config(args)
   info = machine_info()
@@ -725,6 +726,7 @@ def main(argv=None) -> dict[str, Any]:
   results["peak_rss_mb"] = rss_mb()
   # JAX's peak on its first device (GPU/TPU; None on CPU, where RSS above is the measure).
   results["peak_device_memory_mib"] = runtime.peak_device_memory_mib()
+  results["keep_freed_host_memory"] = runtime.keep_freed_host_memory()
   results["machine"]["load_avg_end"] = os.getloadavg()
   if not args.keep_compile_caches:
     shutil.rmtree(caches["torchinductor_cache_dir"], ignore_errors=True)

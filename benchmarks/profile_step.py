@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fame_jax import runtime  # pylint: disable=wrong-import-position
 from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
 from fame_jax import train_lib  # pylint: disable=wrong-import-position
 
@@ -109,6 +110,7 @@ def main() -> None:
   parser.add_argument("--trace_dir", default=None, help="Where the trace goes (default: a temp dir).")
   parser.add_argument("--out", default=None, help="JSON file for the summary.")
   args = parser.parse_args()
+  runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
 
   config = bench.dataset_config(args)
   if args.model:

@@ -36,6 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from fame_jax import model as model_lib  # pylint: disable=wrong-import-position
+from fame_jax import runtime  # pylint: disable=wrong-import-position
 from fame_jax import scoring  # pylint: disable=wrong-import-position
 from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
 from fame_jax import train_lib  # pylint: disable=wrong-import-position
@@ -54,6 +55,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args()
+  runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
 
   config = bench.dataset_config(args)
   if args.model:

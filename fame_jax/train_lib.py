@@ -187,6 +187,7 @@ class Experiment:
                   dataset: data_lib.Dataset | None = None,
                   devices: list[jax.Device] | None = None) -> "Experiment":
     """Loads the data (unless given) and builds model, mesh (over `devices`, default all)."""
+    runtime.keep_freed_host_memory()  # CPU: no page faults on each step's temporaries.
     runtime.unroll_threefry_on_cpu()  # Same dropout masks, drawn faster on CPU.
     dataset = data_lib.load_dataset(config) if dataset is None else dataset
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
