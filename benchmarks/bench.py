@@ -3,7 +3,7 @@ r"""fame-jax vs a plain PyTorch FAME: training-epoch and full-ranking-evaluation
   python benchmarks/bench.py --dataset beauty --out bench_beauty.json
   python benchmarks/bench.py --dataset beauty --max_steps 8 --eval_users 2048 --out quick.json
 
-In one process, on one machine and on the SAME batches of the dataset (epoch 0
+On one machine and on the SAME batches of the dataset (epoch 0
 of `fame_jax.data`, the dataset config's defaults, batch 256), it measures:
 
 1. fame-jax FAME and SASRec (`Experiment.init_state / jit_train_step /
@@ -20,7 +20,7 @@ of `fame_jax.data`, the dataset config's defaults, batch 256), it measures:
    and how many evaluation ranks agree;
 4. the float32 matmul peak of the machine (best jnp.dot of 2048^3 .. 4096^3),
    after the fame-jax runs and again at the end, best kept;
-5. peak RSS (resource.getrusage).
+5. peak RSS (resource.getrusage) of fame-jax's process and of PyTorch's.
 
 On a GPU the PyTorch reference runs on the GPU too (`--torch_device`), with
 TF32 float32 matmuls in both frameworks.
@@ -30,9 +30,11 @@ apart: every distinct batch shape is run twice first (compile = first call -
 second call), and the first evaluation pass compiles.
 
 The machine may be shared (load average in the JSON), so the runs are
-INTERLEAVED in two phases, fame-jax runs first and PyTorch runs after (so
-that neither framework's heap and thread pool sits between the other's steps;
-PyTorch is not even imported before its phase): step i of every run of the
+INTERLEAVED in two phases, fame-jax runs first and PyTorch runs after, in a
+process of its own (so that neither framework's heap and thread pool sits
+between the other's steps, and PyTorch gets glibc's malloc as its users have
+it, not the one fame-jax's `runtime.keep_freed_host_memory` sets up; with
+`--torch_host_memory kept` it gets that one too): step i of every run of the
 phase, then step i+1, ...; each step is timed to completion
 (block_until_ready / eager torch), and the sum of its steps is `epoch_blocked_s`.
 A fame-jax epoch is then also timed as the training loop runs it
@@ -60,10 +62,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import importlib
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -247,6 +251,7 @@ def first_of_each_shape(batches: list[dict[str, np.ndarray]]) -> list[dict[str, 
 class Run:
   """Common bookkeeping; subclasses implement `step` (blocking) and optionally `eval_pass`."""
   has_eval = False
+  framework = "jax"
 
   def __init__(self, key: str, label: str, layout: str, cfg: Any):
     self.key, self.label, self.layout, self.cfg = key, label, layout, cfg
@@ -331,6 +336,22 @@ class JaxRun(Run):
 
 class TorchRun(Run):
   """benchmarks/torch_reference.py, eager or torch.compile'd, with torch.optim.Adam."""
+  framework = "torch"
+
+  # What the parent process gets back from the PyTorch phase's process (`finished`).
+  RECORD = ("key", "label", "layout", "cfg", "has_eval", "framework", "step_s", "loss_sum",
+            "num_targets", "compile_s", "warmup_s", "eval_s", "eval_first_s", "eval_result",
+            "pipelined_s")
+
+  def record(self) -> dict[str, Any]:
+    return {name: getattr(self, name) for name in self.RECORD}
+
+  @staticmethod
+  def finished(record: dict[str, Any]) -> Run:
+    """A plain `Run` holding a finished PyTorch run's timings and results."""
+    run = Run(record["key"], record["label"], record["layout"], record["cfg"])
+    run.__dict__.update(record)
+    return run
 
   def __init__(self, key, label, layout, cfg, init_params, lr: float, compile_: bool,
                literal: bool, buckets, eval_batch_size: int, has_eval: bool, device: str):
@@ -378,22 +399,23 @@ class TorchRun(Run):
     return scoring.metrics_from_ranks(ranks), ranks
 
 
-def parity(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Deterministic loss of `batch` under `params`: fame-jax vs the torch reference."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch_reference  # pylint: disable=g-import-not-at-top
+def jax_loss(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> float:
+  """Deterministic (no dropout) mean loss of `batch` under `params` in fame-jax."""
   loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(exp.model, p, b, None,
                                                           exp.loss_chunk_size))
   loss_sum, count = loss_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
-  jax_loss = float(loss_sum) / float(count)
-  module = torch_reference.SequenceRecommender(exp.model.cfg)
-  torch_reference.load_flax_params(module, jax.device_get(params))
+  return float(loss_sum) / float(count)
+
+
+def torch_loss(cfg, params, batch: dict[str, np.ndarray]) -> float:
+  """The same loss in the torch reference (run in the PyTorch phase's process)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  module = torch_reference.SequenceRecommender(cfg)
+  torch_reference.load_flax_params(module, params)
   module.eval()
   with torch.no_grad():
-    torch_loss = float(module.loss(**{k: torch.from_numpy(v).long() for k, v in batch.items()}))
-  return {"jax_loss": jax_loss, "torch_loss": torch_loss,
-          "rel_diff": abs(jax_loss - torch_loss) / abs(jax_loss),
-          "batch_shape": list(batch["items"].shape)}
+    return float(module.loss(**{k: torch.from_numpy(v).long() for k, v in batch.items()}))
 
 
 # ---------------------------------------------------------------------------
@@ -487,6 +509,10 @@ def parse_args(argv):
                       help="Where the PyTorch reference runs (default: cuda when fame-jax runs on "
                            "a GPU and PyTorch sees one, else cpu). On CUDA, float32 matmuls use "
                            "TF32 in both frameworks (JAX's GPU default; PyTorch is set to match).")
+  parser.add_argument("--torch_host_memory", choices=("default", "kept"), default="default",
+                      help="The PyTorch phase runs in a process of its own, with glibc's malloc "
+                           "as PyTorch users have it (default), or kept as fame-jax sets it up "
+                           "(runtime.keep_freed_host_memory; PyTorch page-faults less too).")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads (default: all cores).")
   parser.add_argument("--keep_compile_caches", action="store_true",
@@ -546,6 +572,60 @@ def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, A
     log(f"  evaluation round {rep + 1}/{args.eval_repeats}: "
         + ", ".join(f"{r.key} {r.eval_s[-1]:.1f}s" for r in eval_runs))
   results["rss_mb_after"][f"eval_{runs[0].key}"] = rss_mb()
+
+
+def torch_phase(job: dict[str, Any]) -> dict[str, Any]:
+  """The PyTorch runs (interleaved among themselves) and the torch side of the parity check.
+
+  Runs in a process of its own (`run_torch_phase`), so that PyTorch gets the host
+  memory allocator it has when its users run it, not the one fame-jax sets up.
+  """
+  if job["keep_freed"]:
+    runtime.keep_freed_host_memory()
+  import torch  # pylint: disable=g-import-not-at-top
+  args, device = job["args"], job["device"]
+  torch.set_num_threads(args.threads)
+  if device.startswith("cuda"):
+    torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on the same GPU.
+  out: dict[str, Any] = {"rss_mb_after": {}, "machine": {}, "torch_device": device,
+                         "torch_threads": torch.get_num_threads(),
+                         "torch_host_memory": "kept" if job["keep_freed"] else "default"}
+  out["torch_matmul_peak_gflops"] = torch_matmul_peak(
+      job["sizes"], max(2, args.matmul_repeats // 2), device)
+  log(f"float32 matmul peak (torch.mm on {device}): {out['torch_matmul_peak_gflops']:.1f} GFLOP/s")
+  common = dict(cfg=job["cfg"], init_params=job["init_params"], lr=job["lr"],
+                literal=not args.torch_user_side_eq9, buckets=job["buckets"],
+                eval_batch_size=job["eval_batch_size"], device=device)
+  runs = [TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False, has_eval=True,
+                   **common)]
+  if not args.skip_torch_compile:
+    runs.append(TorchRun("torch_compile", "torch.compile FAME", "padded", compile_=True,
+                         has_eval=True, **common))
+  if job["packs"] and not args.skip_same_batches:
+    runs.append(TorchRun("torch_eager_packed", "torch eager FAME", "packed", compile_=False,
+                         has_eval=False, **common))
+    if not (args.skip_torch_compile_packed or args.skip_torch_compile):
+      runs.append(TorchRun("torch_compile_packed", "torch.compile FAME", "packed",
+                           compile_=True, has_eval=False, **common))
+  for run in runs:
+    if run.has_eval:
+      run.set_eval_params(job["trained_params"])
+  run_phase(runs, job["layouts"], job["timed"], job["valid"], args, out)
+  out["losses"] = {name: torch_loss(job["cfg"], job["trained_params"], batch)
+                   for name, batch in job["checks"].items()}
+  out["runs"] = [run.record() for run in runs]
+  out["load_avg_1min_during_epoch"] = out.pop("machine").get("load_avg_1min_during_epoch", [])
+  out["torch_peak_rss_mb"] = rss_mb()
+  return out
+
+
+def run_torch_phase(job: dict[str, Any], host_memory: str) -> dict[str, Any]:
+  """`torch_phase` in a fresh (spawned) process: glibc's malloc as a PyTorch user has it
+  ("default"), or set up as fame-jax's (`runtime.keep_freed_host_memory`, "kept")."""
+  job = {**job, "keep_freed": host_memory == "kept"}
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    return pool.submit(torch_phase, job).result()
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -617,36 +697,25 @@ def main(argv=None) -> dict[str, Any]:
 
   torch_runs: list[Run] = []
   if not args.skip_torch:
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(args.threads)
-    device = args.torch_device or default_torch_device()
-    if device.startswith("cuda"):
-      torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on the same GPU.
-    results["torch_device"] = device
-    results["torch_threads"] = torch.get_num_threads()
-    results["torch_matmul_peak_gflops"] = torch_matmul_peak(
-        sizes, max(2, args.matmul_repeats // 2), device)
-    log(f"float32 matmul peak (torch.mm on {device}): "
-        f"{results['torch_matmul_peak_gflops']:.1f} GFLOP/s")
-    common = dict(cfg=exp_fame.model.cfg, init_params=init_params,
-                  lr=config.optim.learning_rate, literal=not args.torch_user_side_eq9,
-                  buckets=exp_fame.buckets, eval_batch_size=config.eval_batch_size, device=device)
-    torch_runs.append(TorchRun("torch_eager", "torch eager FAME", "padded", compile_=False,
-                               has_eval=True, **common))
-    if not args.skip_torch_compile:
-      torch_runs.append(TorchRun("torch_compile", "torch.compile FAME", "padded", compile_=True,
-                                 has_eval=True, **common))
-    if packs and not args.skip_same_batches:
-      torch_runs.append(TorchRun("torch_eager_packed", "torch eager FAME", "packed",
-                                 compile_=False, has_eval=False, **common))
-      if not (args.skip_torch_compile_packed or args.skip_torch_compile):
-        torch_runs.append(TorchRun("torch_compile_packed", "torch.compile FAME", "packed",
-                                   compile_=True, has_eval=False, **common))
-    trained = jax.device_get(jax_runs[0].state.params)  # Ranked with fame-jax's trained FAME.
-    for run in torch_runs:
-      if run.has_eval:
-        run.set_eval_params(trained)
-    run_phase(torch_runs, layouts, timed, valid, args, results)
+    # The checks: the longest padded batch, and a packed one (losses on the trained parameters).
+    checks = {"padded": {k: v for k, v in max(
+        layouts["padded"], key=lambda b: b["items"].shape[1] * 10 ** 6
+        + int((b["targets"] > 0).sum())).items() if k in ("items", "targets")}}
+    if packs:
+      checks["packed"] = layouts["packed"][0]
+    job = {"args": args, "cfg": exp_fame.model.cfg, "init_params": init_params,
+           "trained_params": jax.device_get(jax_runs[0].state.params),  # Ranked with these.
+           "lr": config.optim.learning_rate, "buckets": exp_fame.buckets,
+           "eval_batch_size": config.eval_batch_size, "packs": packs,
+           "device": args.torch_device or default_torch_device(), "layouts": layouts,
+           "timed": timed, "valid": valid, "sizes": sizes, "checks": checks}
+    out = run_torch_phase(job, args.torch_host_memory)
+    torch_runs = [TorchRun.finished(r) for r in out.pop("runs")]
+    results["rss_mb_after"].update(out.pop("rss_mb_after"))
+    results["machine"].setdefault("load_avg_1min_during_epoch", []).extend(
+        out.pop("load_avg_1min_during_epoch"))
+    torch_losses = out.pop("losses")
+    results.update(out)
   runs = jax_runs + torch_runs
 
   # The matmul peak again: a burst of load during the first measurement must not inflate the
@@ -689,7 +758,7 @@ def main(argv=None) -> dict[str, Any]:
       r["eval_passes_s"] = run.eval_s
       r["eval_compile_s"] = max(0.0, run.eval_first_s - min(run.eval_s or [run.eval_first_s]))
       r["valid_metrics"] = metrics
-      if isinstance(run, TorchRun):
+      if run.framework == "torch":
         r["eval_on_params_of"] = "fame-jax FAME after the timed epoch"
         r["eval_ranks_equal_to_fame_jax"] = float(np.mean(ranks == fame_ranks))
       results[f"{run.key}_eval_s"] = r["eval_s"]
@@ -715,15 +784,15 @@ def main(argv=None) -> dict[str, Any]:
 
   # --- Parity on the trained parameters: the longest padded batch, and a packed one.
   if not args.skip_torch:
-    longest = max(layouts["padded"],
-                  key=lambda b: b["items"].shape[1] * 10 ** 6 + int((b["targets"] > 0).sum()))
-    checks = {"padded": {k: longest[k] for k in ("items", "targets")}}
-    if packs:
-      checks["packed"] = layouts["packed"][0]
-    results["parity"] = {k: parity(exp_fame, runs[0].state.params, b) for k, b in checks.items()}
+    results["parity"] = {}
+    for name, batch in checks.items():
+      ours, theirs = jax_loss(exp_fame, runs[0].state.params, batch), torch_losses[name]
+      results["parity"][name] = {"jax_loss": ours, "torch_loss": theirs,
+                                 "rel_diff": abs(ours - theirs) / abs(ours),
+                                 "batch_shape": list(batch["items"].shape)}
     results["parity_max_rel_diff"] = max(p["rel_diff"] for p in results["parity"].values())
 
-  results["peak_rss_mb"] = rss_mb()
+  results["peak_rss_mb"] = rss_mb()  # fame-jax's process (PyTorch's: torch_peak_rss_mb).
   # JAX's peak on its first device (GPU/TPU; None on CPU, where RSS above is the measure).
   results["peak_device_memory_mib"] = runtime.peak_device_memory_mib()
   results["keep_freed_host_memory"] = runtime.keep_freed_host_memory()
@@ -782,8 +851,13 @@ def print_table(r: dict[str, Any]) -> None:
             f"{100 * run['eval_ranks_equal_to_fame_jax']:.2f}% of users")
   if r.get("peak_device_memory_mib") is not None:
     print(f"peak device memory (JAX) {r['peak_device_memory_mib']:.0f} MiB")
-  print(f"peak RSS {r['peak_rss_mb']:.0f} MiB (after: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_mb_after"].items()) + ")")
+  after = r["rss_mb_after"]
+  print(f"peak RSS, fame-jax's process: {r['peak_rss_mb']:.0f} MiB (after: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in after.items() if "torch" not in k) + ")")
+  if r.get("torch_peak_rss_mb") is not None:
+    print(f"peak RSS, PyTorch's process (host memory {r['torch_host_memory']}): "
+          f"{r['torch_peak_rss_mb']:.0f} MiB (after: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in after.items() if "torch" in k) + ")")
 
 
 if __name__ == "__main__":
