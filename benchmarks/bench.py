@@ -262,6 +262,7 @@ class Run:
     self.eval_first_s = None
     self.eval_result = None
     self.pipelined_s: list[float] = []  # Epochs timed back to back (fame-jax runs only).
+    self.faults_per_step: list[float] = []  # Minor page faults per step of those epochs.
 
   def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     raise NotImplementedError
@@ -318,7 +319,7 @@ class JaxRun(Run):
   def pipelined_epoch(self, batches: list[dict[str, np.ndarray]]) -> float:
     """Seconds for `batches` as the training loop runs them: dispatched back to back,
     transferred ahead (`prefetch_to_mesh`), the loss summed on device, one sync at the end."""
-    t0 = time.perf_counter()
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     loss_sum = jnp.zeros((), jnp.float32)
     for batch in sharding_lib.prefetch_to_mesh(iter(batches), self.sharding):
       self.state, metrics = self.p_step(self.state, batch, self.rng)
@@ -326,6 +327,10 @@ class JaxRun(Run):
     jax.block_until_ready((self.state, loss_sum))
     dt = time.perf_counter() - t0
     self.pipelined_s.append(dt)
+    # Minor page faults (memory the kernel maps in afresh) per step; see
+    # runtime.keep_freed_host_memory.
+    self.faults_per_step.append(
+        (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(batches))
     return dt
 
   def eval_pass(self, data):
@@ -743,6 +748,7 @@ def main(argv=None) -> dict[str, Any]:
     r = {"label": run.label, "layout": run.layout, "epoch_s": epoch_s,
          "epoch_timing": "pipelined" if pipelined_s else "blocked_steps",
          "epoch_blocked_s": epoch_blocked_s, "pipelined_epochs_s": pipelined_s, "timed_s": timed_s,
+         "pipelined_minor_faults_per_step": run.faults_per_step,
          "timed_steps": len(run.step_s), "compile_s": run.compile_s, "warmup_s": run.warmup_s,
          "step_s_median": float(np.median(run.step_s)),
          "train_loss": run.loss_sum / max(run.num_targets, 1.0),
@@ -795,7 +801,7 @@ def main(argv=None) -> dict[str, Any]:
   results["peak_rss_mb"] = rss_mb()  # fame-jax's process (PyTorch's: torch_peak_rss_mb).
   # JAX's peak on its first device (GPU/TPU; None on CPU, where RSS above is the measure).
   results["peak_device_memory_mib"] = runtime.peak_device_memory_mib()
-  results["keep_freed_host_memory"] = runtime.keep_freed_host_memory()
+  results["keep_freed_host_memory"] = runtime.keep_freed_host_memory()  # In fame-jax's process.
   results["machine"]["load_avg_end"] = os.getloadavg()
   if not args.keep_compile_caches:
     shutil.rmtree(caches["torchinductor_cache_dir"], ignore_errors=True)
@@ -828,6 +834,12 @@ def print_table(r: dict[str, Any]) -> None:
         + (f" (torch.mm: {r['torch_matmul_peak_gflops']:.1f})" if "torch_matmul_peak_gflops" in r
            else "")
         + f"; FAME real FLOPs/epoch {r['runs']['fame']['train_flops_per_epoch']['total'] / 1e12:.3f} T")
+  faults = {k: v["pipelined_minor_faults_per_step"] for k, v in r["runs"].items()
+            if v.get("pipelined_minor_faults_per_step")}
+  if faults:
+    print(f"fame-jax host memory {'kept' if r['keep_freed_host_memory'] else 'glibc default'}; "
+          "minor page faults per step of the pipelined epochs: "
+          + ", ".join(f"{k} {min(v):.0f}" for k, v in faults.items()))
   print("epoch s: fame-jax as its training loop runs (steps back to back, one sync; best of "
         "--pipelined_epochs), PyTorch the sum of its (synchronous) steps; blocked: the sum of "
         "the steps, each timed to completion, interleaved with the other runs")

@@ -14,8 +14,10 @@ On one training batch of the dataset config's defaults (the first batch of epoch
   logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
 
-and lists the catalogue-sized ([..., V]) buffers of the compiled train step's
-optimized HLO, i.e. how many passes over T x V memory XLA makes.
+with the minor page faults per call (`--default_host_memory`: without
+`runtime.keep_freed_host_memory`), and lists the catalogue-sized ([..., V])
+buffers of the compiled train step's optimized HLO, i.e. how many passes over
+T x V memory XLA makes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import sys
 import time
 
@@ -54,8 +57,11 @@ def main() -> None:
                       help="Override config.loss_chunk_size (0 = materialised logits).")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--default_host_memory", action="store_true",
+                      help="Leave glibc's malloc as it is (no runtime.keep_freed_host_memory).")
   args = parser.parse_args()
-  runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
+  if not args.default_host_memory:
+    runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
 
   config = bench.dataset_config(args)
   if args.model:
@@ -155,13 +161,15 @@ def main() -> None:
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
+  faults = {name: 0 for name in fns}  # Minor page faults (fresh pages the kernel maps in).
   for i in range(args.repeats):
     names = list(fns)
     for j in range(len(names)):
       name = names[(i + j) % len(names)]
-      t0 = time.perf_counter()
+      f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
       jax.block_until_ready(fns[name]())
       times[name].append(time.perf_counter() - t0)
+      faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
   step_s = min(times["step"])
   # Counted FLOPs (benchmarks/README.md "FLOPs counted") against the matmul peak, measured
   # after the timings (GB-sized matrices first would slow the steps that follow).
@@ -170,10 +178,13 @@ def main() -> None:
   counted = {"step": flops["total"], "loss_grad": flops["total"],
              "output_grad": flops["output_layer"], "torch_eager_output_grad": flops["output_layer"],
              "torch_compile_output_grad": flops["output_layer"]}
-  print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7} {'GFLOP/s':>8} {'of peak':>7}")
+  print(f"host memory: {'glibc default' if args.default_host_memory else 'kept'}")
+  print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7} {'faults':>7} "
+        f"{'GFLOP/s':>8} {'of peak':>7}")
   for name, ts in times.items():
     rate = counted.get(name, 0.0) / min(ts) / 1e9
     print(f"{name:26} {1e3 * min(ts):8.1f} {1e3 * np.median(ts):9.1f} {100 * min(ts) / step_s:6.0f}%"
+          f" {faults[name] / len(ts):7.0f}"
           + (f" {rate:8.1f} {100 * rate / peak:6.1f}%" if name in counted else ""))
   print(f"matmul peak {peak:.1f} GFLOP/s (float32 jnp.dot). Counted FLOPs of this step: "
         f"{flops['total'] / 1e9:.2f} G, {100 * flops['output_layer'] / flops['total']:.0f}% in "

@@ -100,19 +100,23 @@ def keep_freed_host_memory() -> bool:
   """On CPU, makes glibc's malloc reuse freed memory instead of handing it back to the OS.
 
   XLA:CPU allocates a program's temporaries with malloc at every execution (a
-  Beauty training step: one 62 MB block), from its worker threads. glibc
-  serves big blocks with a fresh mmap (always, above 64 MB, in a thread's own
-  arena) and unmaps them on free, so every step page-faulted its whole
-  temporary buffer in again: ~15,000 faults, the kernel zeroing each page.
-  Here all threads share the main arena (one heap), mmap is off and the heap
-  is trimmed only past 2 GiB: the buffer is reused, 0 faults per step, and
-  the Beauty step went from ~70 to ~57 ms on 2 cores (benchmarks/README.md).
-  The price: the process keeps its high-water mark of host memory until it
-  exits. Call it before JAX starts its backend (threads that already hold an
-  arena keep it; the entry points call it first). Runs once per process;
-  returns whether it applied: not on GPU/TPU hosts (`JAX_PLATFORMS`, or an
-  accelerator plugin installed), nor where the C library is not glibc.
+  Beauty training step: one 62 MB block). glibc serves blocks above 32 MB with
+  a fresh mmap and unmaps them on free, so every step page-faulted its whole
+  temporary buffer in again: ~15,200 faults per Beauty step, the kernel zeroing
+  each page. Here mmap is off, the heap is trimmed only past 2 GiB, and threads
+  share two arenas (so that the few heaps grow to the high-water mark once):
+  0 faults per step, and the Beauty FAME epoch 9-13% shorter on 2 cores
+  (benchmarks/README.md, "Host memory"). Limits: a block above 64 MB taken in
+  the second arena (a per-thread heap's cap) is still mapped afresh; and the
+  process keeps its high-water mark of host memory until it exits. Call it
+  before JAX starts its backend (threads that already hold an arena keep it;
+  the entry points call it first). Runs once per process; returns whether it
+  applied: not on GPU/TPU hosts (`JAX_PLATFORMS`, or an accelerator plugin
+  installed), nor where the C library is not glibc, nor when the environment
+  sets FAME_JAX_KEEP_FREED_MEMORY=0.
   """
+  if os.environ.get("FAME_JAX_KEEP_FREED_MEMORY", "1") == "0":
+    return False
   if not sys.platform.startswith("linux") or not _cpu_only():
     return False
   try:
@@ -122,7 +126,7 @@ def keep_freed_host_memory() -> bool:
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # musl has a mallopt that does nothing and returns 0; glibc returns 1 on success.
   return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+      (_M_ARENA_MAX, 2), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def peak_device_memory_mib() -> float | None:
