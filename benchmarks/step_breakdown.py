@@ -23,6 +23,7 @@ T x V memory XLA makes.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import resource
@@ -92,6 +93,7 @@ def main() -> None:
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
 
   fns = {}
+  jit = functools.partial(jax.jit, compiler_options=runtime.compiler_options())  # As the step.
   p_step = exp.jit_train_step()
   sharding = sharding_lib.batch_sharding(exp.mesh)
   box = {"state": state}
@@ -106,7 +108,7 @@ def main() -> None:
     s, c = train_lib.next_item_loss(exp.model, p, b, r, exp.loss_chunk_size)
     return s / c
 
-  loss_grad = jax.jit(jax.value_and_grad(loss))
+  loss_grad = jit(jax.value_and_grad(loss))
   fns["loss_grad"] = lambda: loss_grad(params, jbatch, rng)
 
   def body(p, b, r):
@@ -115,16 +117,16 @@ def main() -> None:
                           rngs={"dropout": r})
     return jnp.sum(out.vectors ** 2)
 
-  body_grad = jax.jit(jax.grad(body))
+  body_grad = jit(jax.grad(body))
   fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
 
   def output(v, t):
     lp = scoring.next_item_log_prob(v, log_w, targets, t, exp.loss_chunk_size)
     return -jnp.sum(lp * (targets > 0))
 
-  output_grad = jax.jit(jax.grad(output, argnums=(0, 1)))
-  output_fwd = jax.jit(output)
-  logits_fwd = jax.jit(lambda v, t: scoring._logits(v, t, jnp.float32))  # pylint: disable=protected-access
+  output_grad = jit(jax.grad(output, argnums=(0, 1)))
+  output_fwd = jit(output)
+  logits_fwd = jit(lambda v, t: scoring._logits(v, t, jnp.float32))  # pylint: disable=protected-access
   fns["output_grad"] = lambda: output_grad(vectors, table)
   fns["output_fwd"] = lambda: output_fwd(vectors, table)
   fns["logits_fwd"] = lambda: logits_fwd(vectors, table)

@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 
 from fame_jax import data as data_lib
 from fame_jax import model as model_lib
+from fame_jax import runtime
 from fame_jax import scoring
 from fame_jax import sharding as sharding_lib
 
@@ -39,7 +40,8 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                                 model_lib.item_tables(params, model.cfg), chunk_size, dtype,
                                 mesh, user_block)
 
-  return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh))
+  return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh),
+                 compiler_options=runtime.compiler_options())
 
 
 HostBatches = list[tuple[dict[str, np.ndarray], np.ndarray]]

@@ -91,16 +91,39 @@ def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
   return _streaming_lse(vectors.transpose(1, 0, 2), table, chunk_size, dtype, mesh).T
 
 
+# The forward pass's stabiliser sits at most this many nats above the best logit
+# among the first `_PROBE_ITEMS` items (see `_streaming_lse`).
+_STABILISER_HEADROOM = 40.0
+_PROBE_ITEMS = 128
+# Vectors per batch of the exact fallback pass (its `[block, G, chunk]` buffers stay small).
+_FALLBACK_BLOCK = 128
+
+
 def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | None) -> Array:
   """`[G, N, D] x [V, D] (or [G, V, D]) -> [G, N]` log-sum-exp over items, with a custom VJP.
 
   Group g of vectors scores against table g (or all against the one table).
-  Forward: one pass over the chunks keeping a running max and sum. Backward:
-  one more pass that recomputes each chunk's logits and turns them into
-  `p = softmax * g` at once, then `du += p @ rows` and `d rows = u^T @ p`
-  (written `[D, C]` so that the big operand is read in its natural layout).
-  Autodiff of the forward scan would store or re-derive more and transposes
-  every chunk's `p`; this is ~1.6x faster on CPU (benchmarks/step_breakdown.py).
+
+  Forward: one pass over the chunks summing `exp(logits - c)` with a per-row
+  stabiliser `c` fixed before the pass, so that each chunk's logits go through
+  one fused exp and a sum (no running max, no rescaling). Under
+  differentiation the same pass also sums `exp(logits - c) @ rows`: divided by
+  the sum, that is the softmax-weighted item vector, the gradient with respect
+  to `u` (up to the cotangent), so the backward pass does not compute it again.
+  `c = min(|u| max_v |e_v|, L + 40)`, where L is the best logit among the first
+  128 items: no logit exceeds the first term (Cauchy-Schwarz) and the best
+  logit is at least L, so the largest term is at least e^-40 and the terms
+  below float32's normal range (e^-87) weigh less than e^-47 of the sum. Only
+  where some logit lies more than ~120 nats above L can the sum overflow; then
+  (or on non-finite input) the batch is redone exactly, with a running max
+  (`exact`, a `lax.cond` that costs nothing when not taken).
+
+  Backward: one more pass that recomputes each chunk's logits and turns them
+  into `p = softmax * g` at once, then `d rows = u^T @ p` (written `[D, C]` so
+  that the big operand is read in its natural layout). On 2 CPU cores this
+  forward pass and the `prefer_vector_width` compile option
+  (`runtime.compiler_options`) take a Beauty FAME step from ~60 to ~51 ms
+  (benchmarks/README.md).
   """
   chunks = _chunked_table(table, chunk_size, mesh)
   floor = jnp.finfo(jnp.float32).min
@@ -110,39 +133,71 @@ def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | 
                         preferred_element_type=jnp.float32)
     return jnp.where(row_ids > 0, logits, -jnp.inf)
 
-  def forward(u, rows, ids):
-    def step(carry, chunk):
-      running_max, running_sum = carry
-      logits = chunk_logits(u, *chunk)
-      new_max = jnp.maximum(running_max, logits.max(axis=-1))
-      running_sum = (running_sum * jnp.exp(running_max - new_max)
-                     + jnp.exp(logits - new_max[..., None]).sum(axis=-1))
-      return (new_max, running_sum), None
+  def weighted_rows(e, rows):
+    return jnp.einsum("gnc,gcd->gnd", e.astype(dtype), rows.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
-    init = (jnp.full(u.shape[:2], floor, jnp.float32), jnp.zeros(u.shape[:2], jnp.float32))
-    (running_max, running_sum), _ = jax.lax.scan(step, init, (rows, ids))
-    return running_max + jnp.log(running_sum)
+  def stabiliser(u, rows, ids):
+    """`c` `[G, N]`: at most 40 above the best logit, never above the Cauchy-Schwarz bound."""
+    row_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=-1),
+                                axis=(0, 2)))  # [G]
+    bound = jnp.linalg.norm(u.astype(jnp.float32), axis=-1) * row_norm[:, None]
+    probe = chunk_logits(u, rows[0, :, :_PROBE_ITEMS], ids[0, :_PROBE_ITEMS]).max(axis=-1)
+    return jnp.minimum(bound, probe + _STABILISER_HEADROOM)
+
+  def exact(u, rows, ids, with_grad):
+    """Running-max log-sum-exp (and weighted rows), `_FALLBACK_BLOCK` vectors at a time."""
+    def one_vector(v):  # v: [G, D]
+      def step(carry, chunk):
+        running_max, running_sum, acc = carry
+        logits = chunk_logits(v[:, None], *chunk)[:, 0]  # [G, C]
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        scale = jnp.exp(running_max - new_max)
+        e = jnp.exp(logits - new_max[:, None])
+        acc = acc * scale[:, None] + weighted_rows(e[:, None], chunk[0])[:, 0]
+        return (new_max, running_sum * scale + e.sum(axis=-1), acc), None
+      init = (jnp.full(v.shape[:1], floor, jnp.float32), jnp.zeros(v.shape[:1], jnp.float32),
+              jnp.zeros(v.shape, jnp.float32))
+      (running_max, total, acc), _ = jax.lax.scan(step, init, (rows, ids))
+      return running_max + jnp.log(total), acc / total[:, None]
+    lse, direction = jax.lax.map(one_vector, u.transpose(1, 0, 2), batch_size=_FALLBACK_BLOCK)
+    return lse.T, direction.transpose(1, 0, 2) if with_grad else None
+
+  def forward(u, rows, ids, with_grad):
+    """(lse `[G, N]`, softmax-weighted rows `[G, N, D]` or None)."""
+    c = stabiliser(u, rows, ids)
+
+    def step(carry, chunk):
+      total, acc = carry
+      e = jnp.exp(chunk_logits(u, *chunk) - c[..., None])
+      return (total + e.sum(axis=-1), acc + weighted_rows(e, chunk[0]) if with_grad else acc), None
+
+    init = (jnp.zeros(u.shape[:2], jnp.float32),
+            jnp.zeros(u.shape if with_grad else (), jnp.float32))
+    (total, acc), _ = jax.lax.scan(step, init, (rows, ids))
+    fast = (c + jnp.log(total), acc / total[..., None] if with_grad else None)
+    ok = jnp.all(jnp.isfinite(total) & (total > 0)) & jnp.all(jnp.isfinite(acc))
+    return jax.lax.cond(ok, lambda: fast, lambda: exact(u, rows, ids, with_grad))
 
   @jax.custom_vjp
   def lse_fn(u, rows, ids):
-    return forward(u, rows, ids)
+    return forward(u, rows, ids, with_grad=False)[0]
 
   def lse_fwd(u, rows, ids):
-    lse = forward(u, rows, ids)
-    return lse, (u, rows, ids, lse)
+    lse, direction = forward(u, rows, ids, with_grad=True)
+    return lse, (u, rows, ids, lse, direction)
 
   def lse_bwd(residuals, g):
-    u, rows, ids, lse = residuals
+    u, rows, ids, lse, direction = residuals
     u_t = u.transpose(0, 2, 1).astype(dtype)  # [G, D, N]
 
-    def step(du, chunk):
+    def step(_, chunk):
       rows_, row_ids = chunk
       p = (jnp.exp(chunk_logits(u, rows_, row_ids) - lse[..., None]) * g[..., None]).astype(dtype)
-      du = du + jnp.einsum("gnc,gcd->gnd", p, rows_.astype(dtype),
-                           preferred_element_type=jnp.float32)
-      return du, jnp.einsum("gdn,gnc->gdc", u_t, p, preferred_element_type=jnp.float32)
+      return None, jnp.einsum("gdn,gnc->gdc", u_t, p, preferred_element_type=jnp.float32)
 
-    du, drows_t = jax.lax.scan(step, jnp.zeros(u.shape, jnp.float32), (rows, ids))
+    _, drows_t = jax.lax.scan(step, None, (rows, ids))
+    du = g[..., None] * direction
     return du.astype(u.dtype), drows_t.transpose(0, 1, 3, 2).astype(rows.dtype), None
 
   lse_fn.defvjp(lse_fwd, lse_bwd)

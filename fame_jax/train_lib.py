@@ -224,7 +224,8 @@ class Experiment:
     step = functools.partial(train_step, model=self.model, chunk_size=self.loss_chunk_size,
                              mesh=self.mesh)
     return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
-                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                   compiler_options=runtime.compiler_options())
 
   @functools.cached_property
   def _plan(self) -> data_lib.BatchPlan:

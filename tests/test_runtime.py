@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import random as jex_random
@@ -115,3 +116,18 @@ def test_kept_host_memory_makes_big_temporaries_stop_page_faulting():
   assert results["keep", "1"][2] < pages // 20, results
   # FAME_JAX_KEEP_FREED_MEMORY=0 leaves malloc alone.
   assert not results["keep", "0"][0] and results["keep", "0"][2] > pages // 2, results
+
+
+def test_cpu_programs_ask_for_512_bit_vectors_unless_the_environment_says_otherwise(monkeypatch):
+  monkeypatch.delenv("FAME_JAX_CPU_VECTOR_WIDTH", raising=False)
+  assert jax.default_backend() == "cpu"
+  assert runtime.compiler_options() == {"xla_cpu_prefer_vector_width": 512}
+  monkeypatch.setenv("FAME_JAX_CPU_VECTOR_WIDTH", "256")
+  assert runtime.compiler_options() == {"xla_cpu_prefer_vector_width": 256}
+  monkeypatch.setenv("FAME_JAX_CPU_VECTOR_WIDTH", "0")
+  assert runtime.compiler_options() is None
+  # XLA accepts the option: a program compiled with it computes what one without it does.
+  x = jnp.linspace(-3.0, 3.0, 4096)
+  monkeypatch.setenv("FAME_JAX_CPU_VECTOR_WIDTH", "512")
+  wide = jax.jit(lambda x: jnp.exp(x) * 2.0, compiler_options=runtime.compiler_options())(x)
+  np.testing.assert_allclose(wide, np.exp(np.asarray(x, np.float64)) * 2.0, rtol=1e-6)

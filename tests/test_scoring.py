@@ -207,6 +207,42 @@ def test_log_normalizers_are_stable_for_large_logits(chunk_size):
   np.testing.assert_allclose(lse, expected, rtol=1e-6)
 
 
+def reference_lse_gradients(vectors, table, weights):
+  """d/d(vectors, table) of sum(weights * logsumexp_v <vectors, table_v>), K = 1, float64."""
+  vectors, table = vectors[:, 0].astype(np.float64), table.astype(np.float64)
+  probs = ref.softmax(vectors @ table.T)  # [T, V]
+  return (weights[:, None] * (probs @ table))[:, None], (probs * weights[:, None]).T @ vectors
+
+
+@pytest.mark.parametrize("chunk_size", [5, 16])
+@pytest.mark.parametrize("regime", ["far_below_the_bound", "spread_beyond_the_stabiliser"])
+def test_streamed_log_normalizers_and_gradients_are_exact_at_extreme_logits(regime, chunk_size):
+  """The streamed pass fixes each row's stabiliser before it sees the logits.
+
+  far_below_the_bound: every logit lies 500+ nats under the Cauchy-Schwarz
+  bound |u| max|e| (a stabiliser from the bound alone would underflow every
+  term); the best of the first items must pull it down. spread_beyond_the_stabiliser:
+  one row's logits spread over 2,000 nats, far more than the headroom above the
+  first items, so the stabilised sum overflows and the exact fallback must take
+  the batch (the other row, an ordinary one, included).
+  """
+  if regime == "far_below_the_bound":
+    table = np.linspace(1.0, 0.7, V, dtype=np.float32)[:, None]  # Item 1 worst, item V best.
+    vectors = np.array([[[-300.0]], [[-250.0]]], np.float32)
+  else:
+    table = np.linspace(-1.0, 1.0, V, dtype=np.float32)[:, None]
+    vectors = np.array([[[1000.0]], [[2.0]]], np.float32)
+  weights = np.array([0.3, 0.7], np.float32)
+  loss = lambda v, t: jnp.sum(scoring.log_normalizers(v, t, chunk_size)[:, 0] * weights)
+  value, (grad_vectors, grad_table) = jax.value_and_grad(loss, argnums=(0, 1))(
+      jnp.asarray(vectors), jnp.asarray(table))
+  logits = vectors[:, 0].astype(np.float64) @ table.T.astype(np.float64)
+  np.testing.assert_allclose(value, np.sum(ref.logsumexp(logits) * weights), rtol=1e-6)
+  expected_vectors, expected_table = reference_lse_gradients(vectors, table, weights)
+  np.testing.assert_allclose(grad_vectors, expected_vectors, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_table, expected_table, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("user_block", [0, 2])
 def test_ranks_stay_exact_when_the_target_probability_underflows(user_block):
   """Peaked mixtures: the target lies ~1000 nats below every head's best item.
