@@ -116,7 +116,9 @@ def _streaming_lse(u: Array, table: Array, chunk_size: int, dtype, mesh: Mesh | 
   below float32's normal range (e^-87) weigh less than e^-47 of the sum. Only
   where some logit lies more than ~120 nats above L can the sum overflow; then
   (or on non-finite input) the batch is redone exactly, with a running max
-  (`exact`, a `lax.cond` that costs nothing when not taken).
+  (`exact`, a `lax.cond` that costs nothing on CPU when not taken; on a GPU
+  it reads its predicate back to the host, once a step, but there chunks are
+  used only for catalogues whose logits pass 1 GiB: `auto_chunk_size`).
 
   Backward: one more pass that recomputes each chunk's logits and turns them
   into `p = softmax * g` at once, then `d rows = u^T @ p` (written `[D, C]` so
