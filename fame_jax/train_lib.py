@@ -72,33 +72,39 @@ def init_train_state(model: model_lib.SequenceRecommender, tx: optax.GradientTra
 
 def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Batch,
                    rng: jax.Array | None, chunk_size: int,
-                   mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-  """Summed -log p(target) over non-padding positions, and their number."""
+                   mesh: jax.sharding.Mesh | None = None,
+                   row_block: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Summed -log p(target) over non-padding positions, and their number.
+
+  `chunk_size` and `row_block` choose how the catalogue is scored (`scoring.next_item_nll`).
+  """
   deterministic = rng is None
   out = model.apply({"params": params}, batch["items"], segments=batch.get("segments"),
                     positions=batch.get("positions"), deterministic=deterministic,
                     rngs=None if deterministic else {"dropout": rng})
   b, length, k, d = out.vectors.shape
   targets = batch["targets"].reshape(b * length)
-  log_prob = scoring.next_item_log_prob(
+  loss_sum = scoring.next_item_nll(
       out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
-      model_lib.item_tables(params, model.cfg), chunk_size,
+      model_lib.item_tables(params, model.cfg), chunk_size, row_block,
       model_lib.DTYPES[model.cfg.dtype], mesh)
-  weights = (targets > 0).astype(jnp.float32)
-  return -jnp.sum(log_prob * weights), jnp.sum(weights)
+  return loss_sum, jnp.sum(targets > 0, dtype=jnp.float32)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                model: model_lib.SequenceRecommender, chunk_size: int,
-               mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict]:
+               mesh: jax.sharding.Mesh | None = None,
+               row_block: int = 0) -> tuple[TrainState, dict]:
   """One Adam step on the mean next-item cross-entropy of the batch.
 
-  `mesh` only tells the chunked catalogue scoring how the item table is split.
+  `chunk_size` and `row_block`: how the loss scores the catalogue (`next_item_loss`);
+  `mesh` tells it how the batch and the item table are split.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
-    loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size, mesh)
+    loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size, mesh,
+                                     row_block)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
 
   (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -150,6 +156,7 @@ def validate_training_config(config: ml_collections.ConfigDict) -> None:
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, ">= 0"),
       ("checkpoint_every_secs", config.get("checkpoint_every_secs", 0) >= 0, ">= 0"),
       ("loss_chunk_size", config.loss_chunk_size >= -1, ">= 0, or -1 (auto)"),
+      ("loss_row_block", config.get("loss_row_block", -1) >= -1, ">= 0, or -1 (auto)"),
       ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
       ("eval_user_block", config.get("eval_user_block", -1) >= -1, ">= 0, or -1 (auto)"),
       ("optim.learning_rate", config.optim.learning_rate > 0, "> 0"),
@@ -225,7 +232,7 @@ class Experiment:
     """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
     repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
     step = functools.partial(train_step, model=self.model, chunk_size=self.loss_chunk_size,
-                             mesh=self.mesh)
+                             mesh=self.mesh, row_block=self.loss_row_block)
     return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,),
                    compiler_options=runtime.compiler_options())
@@ -241,16 +248,28 @@ class Experiment:
     """Training batches of this experiment (rows a multiple of the 'data' devices)."""
     return self._plan
 
+  def _positions_per_device(self) -> int:
+    """Positions of a training batch that one device on the 'data' axis holds."""
+    plan = self.batch_plan()
+    rows = plan.rows_per_batch if plan.packing else plan.batch_size
+    return rows * plan.max_len // self.mesh.shape[sharding_lib.DATA_AXIS]
+
   @property
   def loss_chunk_size(self) -> int:
     """`config.loss_chunk_size`, with -1 resolved for this backend (`scoring.auto_chunk_size`)."""
     if self.config.loss_chunk_size >= 0:
       return self.config.loss_chunk_size
-    plan = self.batch_plan()
-    rows = plan.rows_per_batch if plan.packing else plan.batch_size
-    positions = rows * plan.max_len // self.mesh.shape[sharding_lib.DATA_AXIS]
-    return scoring.auto_chunk_size(jax.default_backend(), positions,
+    return scoring.auto_chunk_size(jax.default_backend(), self._positions_per_device(),
                                    self.model.cfg.num_vectors, self.model.cfg.num_items)
+
+  @property
+  def loss_row_block(self) -> int:
+    """`config.loss_row_block`, with -1 resolved for this backend (`scoring.auto_row_block`)."""
+    block = self.config.get("loss_row_block", -1)  # Absent from configs saved before it.
+    if block >= 0:
+      return block
+    return scoring.auto_row_block(jax.default_backend(), self._positions_per_device(),
+                                  self.model.cfg.num_vectors, self.model.cfg.num_items)
 
   @property
   def eval_user_block(self) -> int:
@@ -368,11 +387,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   valid_data = exp.eval_data("valid")
   valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
-               "%d device(s) (%s); loss chunk %d items, ranking block %d users (0 = all)",
+               "%d device(s) (%s); loss row block %d positions (0 = off), loss chunk %d items, "
+               "ranking block %d users (0 = all)",
                exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
                len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
-               jax.device_count(), jax.default_backend(), exp.loss_chunk_size,
-               exp.eval_user_block)
+               jax.device_count(), jax.default_backend(), exp.loss_row_block,
+               exp.loss_chunk_size, exp.eval_user_block)
 
   checkpoints = checkpointing.RunCheckpoints(workdir)
   restored = checkpoints.restore_latest(exp.abstract_state())

@@ -83,6 +83,7 @@ BAD_TRAINING_FIELDS = [
     pytest.param("early_stop_patience", 0, id="early_stop_patience"),
     pytest.param("optim.learning_rate", 0.0, id="learning_rate"),
     pytest.param("loss_chunk_size", -2, id="loss_chunk_size"),
+    pytest.param("loss_row_block", -2, id="loss_row_block"),
     pytest.param("eval_user_block", -2, id="eval_user_block"),
 ]
 

@@ -15,10 +15,11 @@ from fame_jax import train_lib
 NUM_ITEMS = 150
 
 
-@pytest.mark.parametrize("chunk_size", [0, 32], ids=["whole_catalogue", "streamed"])
+@pytest.mark.parametrize("chunk_size,row_block", [(0, 0), (32, 0), (0, 16)],
+                         ids=["whole_catalogue", "streamed", "row_blocks"])
 @pytest.mark.parametrize("name,combine", [("fame", "logit_sum"), ("fame", "mixture_of_softmax"),
                                           ("sasrec", "logit_sum")])
-def test_bfloat16_loss_and_gradients_match_float32(devices, name, combine, chunk_size):
+def test_bfloat16_loss_and_gradients_match_float32(devices, name, combine, chunk_size, row_block):
   rng = np.random.default_rng(1)
   dataset = data_lib.Dataset("mp", random_sequences(rng, 12, NUM_ITEMS, 5, 12), NUM_ITEMS)
   losses, grads = {}, {}
@@ -32,7 +33,8 @@ def test_bfloat16_loss_and_gradients_match_float32(devices, name, combine, chunk
     batch = plan.make_batch(plan.epoch_groups(0, 0)[0])
 
     def mean_loss(p):
-      total, count = train_lib.next_item_loss(exp.model, p, batch, None, chunk_size)
+      total, count = train_lib.next_item_loss(exp.model, p, batch, None, chunk_size,
+                                              row_block=row_block)
       return total / count
 
     losses[dtype], grads[dtype] = jax.jit(jax.value_and_grad(mean_loss))(params)

@@ -186,6 +186,63 @@ def test_next_item_log_prob_matches_numpy_and_chunking_changes_nothing(k, tables
     assert np.abs(np.asarray(grads[2])).max() > 0  # The item table does get a gradient.
 
 
+@pytest.mark.parametrize("tables", ["shared", "per_vector"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_row_blocked_loss_and_gradients_equal_the_streamed_ones(k, tables):
+  """`next_item_nll` with row blocks takes its gradients in the forward pass; they must
+  be those of the plain loss, whatever the block size (the catalogue in two parts)."""
+  vectors, log_weights, targets, table = random_loss_problem(k, seed=3)
+  if tables == "per_vector":
+    table = per_vector_tables(table, k)
+
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def loss_and_grads(vectors, log_weights, table, chunk_size, row_block):
+    nll = lambda *a: scoring.next_item_nll(*a[:2], jnp.asarray(targets), a[2], chunk_size,
+                                           row_block)
+    return jax.value_and_grad(nll, argnums=(0, 1, 2))(vectors, log_weights, table)
+
+  expected = -ref.mixture_log_prob(vectors.astype(np.float64), log_weights.astype(np.float64),
+                                   table.astype(np.float64))
+  expected = expected[np.arange(len(targets)), np.maximum(targets, 1) - 1][targets > 0].sum()
+  value0, grads0 = loss_and_grads(vectors, log_weights, table, 0, 0)
+  np.testing.assert_allclose(value0, expected, rtol=1e-5)
+  for row_block in (1, 4, 11, 16):  # 11 positions: 4 pads the last block, 16 the only one.
+    value, grads = loss_and_grads(vectors, log_weights, table, 5, row_block)
+    np.testing.assert_allclose(value, value0, rtol=1e-5)
+    for g, g0 in zip(grads, grads0):
+      np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(grads[2])).max() > 0
+
+
+@pytest.mark.parametrize("regime", ["far_below_the_bound", "spread_beyond_the_stabiliser"])
+def test_row_blocked_loss_is_exact_at_extreme_logits(regime):
+  """The row-blocked loss fixes its stabiliser as the streamed one does (see below), and
+  falls back to each row's best logit when the stabilised sum overflows."""
+  if regime == "far_below_the_bound":
+    table = np.linspace(1.0, 0.7, V, dtype=np.float32)[:, None]
+    vectors = np.array([[[-300.0]], [[-250.0]], [[-280.0]]], np.float32)
+  else:
+    table = np.linspace(-1.0, 1.0, V, dtype=np.float32)[:, None]
+    vectors = np.array([[[1000.0]], [[2.0]], [[-3.0]]], np.float32)
+  targets = np.array([5, 30, 0], np.int32)
+  log_weights = np.zeros((3, 1), np.float32)
+  nll = lambda v, t: scoring.next_item_nll(v, log_weights, jnp.asarray(targets), t, row_block=2)
+  value, (grad_vectors, grad_table) = jax.value_and_grad(nll, argnums=(0, 1))(
+      jnp.asarray(vectors), jnp.asarray(table))
+  logits = vectors[:, 0].astype(np.float64) @ table.T.astype(np.float64)  # [3, V]
+  weights = (targets > 0).astype(np.float64)
+  rows = np.arange(3)
+  np.testing.assert_allclose(
+      value, np.sum(weights * (ref.logsumexp(logits) - logits[rows, targets - 1])), rtol=1e-6)
+  expected_vectors, expected_table = reference_lse_gradients(vectors, table, weights)
+  onehot = np.zeros((3, V))
+  onehot[rows, targets - 1] = weights
+  expected_vectors = expected_vectors - (onehot @ table.astype(np.float64))[:, None]
+  expected_table = expected_table - onehot.T @ vectors[:, 0].astype(np.float64)
+  np.testing.assert_allclose(grad_vectors, expected_vectors, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad_table, expected_table, rtol=1e-4, atol=1e-6)
+
+
 def test_next_item_log_prob_gradient_matches_numpy_softmax_gradient():
   """d(-log p(y))/d logits = softmax - onehot for K = 1, checked on the user vectors."""
   vectors, log_weights, targets, table = random_loss_problem(1, seed=2)
@@ -272,6 +329,18 @@ def test_auto_chunk_size_keeps_accelerator_logits_under_the_budget():
   assert chunk > 0 and chunk % 1024 == 0
   assert rows * k * chunk * 4 <= scoring.AUTO_LOGITS_BYTES
   assert rows * k * (chunk + 1024) * 4 > scoring.AUTO_LOGITS_BYTES  # The largest that fits.
+
+
+def test_auto_row_block_divides_the_rows_on_cpu_and_is_off_elsewhere():
+  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=12_101) == 155
+  assert scoring.auto_row_block("cpu", rows=12_800, num_vectors=1, num_items=12_101) == 160
+  assert scoring.auto_row_block("cpu", rows=70, num_vectors=2, num_items=12_101) == 70
+  # No divisor of a prime up to the limit: blocks of the limit, the last one padded.
+  assert scoring.auto_row_block("cpu", rows=1553, num_vectors=2, num_items=12_101) == 160
+  limit = scoring.AUTO_ROW_BLOCK_BYTES // (2 * 60_000 * 4)  # Fewer rows fit a larger catalogue.
+  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=60_000) == 50 <= limit
+  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=10_000_000) == 0
+  assert scoring.auto_row_block("gpu", rows=1550, num_vectors=2, num_items=12_101) == 0
 
 
 def test_auto_user_block_blocks_users_on_cpu_only():

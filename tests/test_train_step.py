@@ -31,7 +31,8 @@ STEP_MODEL = dict(dropout=0.3, attention_dropout=0.3, combine="mixture_of_softma
 SGD = optax.sgd(0.5)  # One object: it is static metadata of the train state.
 
 
-def experiment(dataset, devices=None, **model_overrides) -> train_lib.Experiment:
+def experiment(dataset, devices=None, loss_row_block=-1, loss_chunk_size=-1,
+               **model_overrides) -> train_lib.Experiment:
   """An Experiment on `devices` (default: all 4), with plain SGD.
 
   SGD makes the parameter update proportional to the gradient; Adam's first
@@ -39,6 +40,7 @@ def experiment(dataset, devices=None, **model_overrides) -> train_lib.Experiment
   that are ~0 and would make a device-count comparison meaningless.
   """
   config = tiny_model_config(**model_overrides)
+  config.loss_row_block, config.loss_chunk_size = loss_row_block, loss_chunk_size
   exp = train_lib.Experiment.from_config(config, dataset, devices=devices)
   return dataclasses.replace(exp, tx=SGD)
 
@@ -100,6 +102,26 @@ def test_four_device_train_steps_equal_one_device_train_steps(dataset, devices):
   eval_loss, _ = jax.jit(lambda p: train_lib.next_item_loss(exp1.model, p, batch, None, 0))(
       initial.params)
   assert abs(float(eval_loss) - float(metrics1[0]["loss_sum"])) > 1e-3 * abs(float(eval_loss))
+
+
+def test_row_blocked_loss_on_four_devices_equals_the_streamed_loss_on_one(dataset, devices):
+  """Row blocks of 3 positions (each device's share padded) against 7-item chunks."""
+  blocked = experiment(dataset, loss_row_block=3, **STEP_MODEL)
+  streamed = dataclasses.replace(
+      experiment(dataset, devices=devices[:1], loss_row_block=0, loss_chunk_size=7, **STEP_MODEL),
+      model=blocked.model)
+  assert (blocked.loss_row_block, streamed.loss_row_block, streamed.loss_chunk_size) == (3, 0, 7)
+  batches = list(blocked.batch_plan().batches(seed=0, epoch=0))[:1]
+  initial = jax.device_get(blocked.init_state())
+  rng = jax.random.key(3)
+  state4, (metrics4,) = run_steps(blocked, jax.device_put(initial, blocked.state_sharding()),
+                                  batches, rng)
+  state1, (metrics1,) = run_steps(streamed, jax.device_put(initial, streamed.state_sharding()),
+                                  batches, rng)
+  np.testing.assert_allclose(metrics4["loss_sum"], metrics1["loss_sum"], rtol=1e-5)
+  np.testing.assert_allclose(metrics4["grad_norm"], metrics1["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b, p: np.testing.assert_allclose(a - p, b - p, rtol=1e-3, atol=1e-6),
+               state4.params, state1.params, initial.params)
 
 
 def test_packed_batch_gives_the_loss_and_gradient_of_padded_windows(dataset):
