@@ -406,8 +406,8 @@ class TorchRun(Run):
 
 def jax_loss(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> float:
   """Deterministic (no dropout) mean loss of `batch` under `params` in fame-jax."""
-  loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(exp.model, p, b, None,
-                                                          exp.loss_chunk_size))
+  loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(
+      exp.model, p, b, None, exp.loss_chunk_size, row_block=exp.loss_row_block))
   loss_sum, count = loss_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
   return float(loss_sum) / float(count)
 
@@ -674,6 +674,7 @@ def main(argv=None) -> dict[str, Any]:
       "dataset": dataset.name, "num_users": dataset.num_users, "num_items": dataset.num_items,
       "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
       "fame_jax_layout": default_layout, "loss_chunk_size": exp_fame.loss_chunk_size,
+      "loss_row_block": exp_fame.loss_row_block,
       "eval_user_block": exp_fame.eval_user_block, "batch_shapes": shapes, "steps_per_epoch": steps,
       "timed_steps": num_timed, "extrapolated": num_timed < steps,
       "epoch_tokens": {k: dataclasses.asdict(v) for k, v in stats.items()},

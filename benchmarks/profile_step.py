@@ -137,7 +137,8 @@ def main() -> None:
   summary = {"dataset": exp.dataset.name, "model": config.model.name,
              "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
              "jax": jax.__version__, "batch_shape": list(batches[0]["items"].shape),
-             "loss_chunk_size": exp.loss_chunk_size, "ops_from": where, "trace_dir": trace_dir,
+             "loss_chunk_size": exp.loss_chunk_size, "loss_row_block": exp.loss_row_block,
+             "ops_from": where, "trace_dir": trace_dir,
              **summarize(ops, len(batches), wall_s, args.top)}
 
   print(f"{summary['dataset']} {summary['model']} on {summary['device_kind']} "

@@ -8,8 +8,9 @@ On one training batch of the dataset config's defaults (the first batch of epoch
   step          Experiment.jit_train_step(): loss, gradients, Adam
   loss_grad     value_and_grad of train_lib.next_item_loss (dropout on)
   body_grad     the network without the output layer: grad of sum(vectors**2)
-  output_grad   the output layer alone: grad of scoring.next_item_log_prob w.r.t.
-                the user vectors and the item table (full-catalogue cross-entropy)
+  output_grad   the output layer alone: grad of scoring.next_item_nll w.r.t. the
+                user vectors and the item table (full-catalogue cross-entropy, scored
+                as the step scores it: row blocks or item chunks)
   output_fwd    the same, forward only
   logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
@@ -56,6 +57,8 @@ def main() -> None:
   parser.add_argument("--padded", action="store_true", help="config.data.packing=False.")
   parser.add_argument("--loss_chunk_size", type=int, default=None,
                       help="Override config.loss_chunk_size (0 = materialised logits).")
+  parser.add_argument("--loss_row_block", type=int, default=None,
+                      help="Override config.loss_row_block (0 = off: item chunks).")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--default_host_memory", action="store_true",
@@ -73,6 +76,8 @@ def main() -> None:
     config.data.packing = False
   if args.loss_chunk_size is not None:
     config.loss_chunk_size = args.loss_chunk_size
+  if args.loss_row_block is not None:
+    config.loss_row_block = args.loss_row_block
   exp = train_lib.Experiment.from_config(config)
   cfg = exp.model.cfg
   batch = bench.epoch_batches(exp)[0]
@@ -88,7 +93,7 @@ def main() -> None:
   vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.vector_size))
   log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
   print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k} "
-        f"loss_chunk_size={exp.loss_chunk_size}: batch "
+        f"loss_chunk_size={exp.loss_chunk_size} loss_row_block={exp.loss_row_block}: batch "
         f"{batch['items'].shape}, {int((batch['targets'] > 0).sum())} targets, V={num_items}, "
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
 
@@ -105,7 +110,8 @@ def main() -> None:
   fns["step"] = step
 
   def loss(p, b, r):
-    s, c = train_lib.next_item_loss(exp.model, p, b, r, exp.loss_chunk_size)
+    s, c = train_lib.next_item_loss(exp.model, p, b, r, exp.loss_chunk_size,
+                                    row_block=exp.loss_row_block)
     return s / c
 
   loss_grad = jit(jax.value_and_grad(loss))
@@ -121,8 +127,7 @@ def main() -> None:
   fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
 
   def output(v, t):
-    lp = scoring.next_item_log_prob(v, log_w, targets, t, exp.loss_chunk_size)
-    return -jnp.sum(lp * (targets > 0))
+    return scoring.next_item_nll(v, log_w, targets, t, exp.loss_chunk_size, exp.loss_row_block)
 
   output_grad = jit(jax.grad(output, argnums=(0, 1)))
   output_fwd = jit(output)

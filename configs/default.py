@@ -85,10 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_chunk_size = -1
   # Positions of the training cross-entropy scored at a time against the whole
   # catalogue, the gradients taken in the same pass (scoring.next_item_nll; used
-  # instead of loss_chunk_size when > 0). -1 = auto: on CPU the largest divisor
-  # of a device's positions up to 160 whose logits fit 24 MB (Beauty's step ~12%
-  # shorter than with 1024-item chunks, benchmarks/README.md), 0 (off) on GPU/TPU
-  # and for larger catalogues (scoring.auto_row_block).
+  # instead of loss_chunk_size when > 0). -1 = auto: on CPU up to 160 positions
+  # whose logits fit 12 MiB (Beauty: 120; its step ~10% shorter than with
+  # 1024-item chunks, benchmarks/README.md); 0 (off) on GPU/TPU and where fewer
+  # than 32 positions fit (scoring.auto_row_block).
   config.loss_row_block = -1
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
   # Users ranked together (0 = the whole batch). -1 = auto: 32 on CPU (their

@@ -541,32 +541,35 @@ def auto_chunk_size(backend: str, rows: int, num_vectors: int, num_items: int) -
   return max(CPU_CHUNK_SIZE, AUTO_LOGITS_BYTES // bytes_per_item // CPU_CHUNK_SIZE * CPU_CHUNK_SIZE)
 
 
-# `auto_row_block`'s limits: rows per block, and bytes of a block's float32 logits
-# (kept well inside a 32 MB L3, and the step's temporaries under 64 MB: see
-# `runtime.keep_freed_host_memory`).
+# `auto_row_block`'s limits: rows per block, and bytes of a block's float32 logits.
+# 12 MiB keeps the whole train step's temporaries under the 64 MiB that glibc
+# serves without page faults (see `runtime.keep_freed_host_memory`): Beauty 60,
+# Toys 59, Sports 65 MB (Yelp's, 76 MB already with item chunks, are past it
+# either way). Sports with 140-row blocks (73 MB) page-faulted 17,000 times a
+# step and ran 25% slower than with item chunks; Beauty's 155-row blocks (64
+# MB) ran ~1.5% faster than its 120-row ones (benchmarks/README.md).
 AUTO_ROW_BLOCK_ROWS = 160
-AUTO_ROW_BLOCK_BYTES = 24 << 20
+AUTO_ROW_BLOCK_BYTES = 12 << 20
 _MIN_ROW_BLOCK = 32
 
 
 def auto_row_block(backend: str, rows: int, num_vectors: int, num_items: int) -> int:
   """Rows per block of the training loss (`next_item_nll`) when the config asks for -1.
 
-  `rows` is the number of scored positions per device. On CPU, the largest
-  divisor of `rows` up to `AUTO_ROW_BLOCK_ROWS` (and up to the number whose
-  `[block, K, V]` float32 logits fit `AUTO_ROW_BLOCK_BYTES`); without a
-  divisor at least half that limit, the limit itself (the last block is
-  padded). 0 (the chunked streaming loss of `auto_chunk_size`) where fewer
-  than 32 rows would fit, and on GPU/TPU (not measured there).
+  `rows` is the number of scored positions per device. On CPU: as few blocks as
+  allow at most `AUTO_ROW_BLOCK_ROWS` rows whose `[rows, K, V]` float32 logits
+  fit `AUTO_ROW_BLOCK_BYTES`, and rows spread evenly over them (the last block
+  padded by less than one row per block). 0 (the chunked streaming loss of
+  `auto_chunk_size`) where fewer than 32 rows would fit, and on GPU/TPU (not
+  measured there).
   """
   if backend != "cpu":
     return 0
   limit = min(AUTO_ROW_BLOCK_ROWS, AUTO_ROW_BLOCK_BYTES // max(num_vectors * num_items * 4, 1))
   if limit < _MIN_ROW_BLOCK:
     return 0
-  limit = min(limit, rows)
-  divisor = max(d for d in range(1, limit + 1) if rows % d == 0)
-  return divisor if 2 * divisor >= limit else limit
+  blocks = -(-rows // limit)
+  return -(-rows // blocks)
 
 
 def auto_user_block(backend: str) -> int:

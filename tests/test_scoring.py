@@ -331,16 +331,23 @@ def test_auto_chunk_size_keeps_accelerator_logits_under_the_budget():
   assert rows * k * (chunk + 1024) * 4 > scoring.AUTO_LOGITS_BYTES  # The largest that fits.
 
 
-def test_auto_row_block_divides_the_rows_on_cpu_and_is_off_elsewhere():
-  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=12_101) == 155
-  assert scoring.auto_row_block("cpu", rows=12_800, num_vectors=1, num_items=12_101) == 160
-  assert scoring.auto_row_block("cpu", rows=70, num_vectors=2, num_items=12_101) == 70
-  # No divisor of a prime up to the limit: blocks of the limit, the last one padded.
-  assert scoring.auto_row_block("cpu", rows=1553, num_vectors=2, num_items=12_101) == 160
-  limit = scoring.AUTO_ROW_BLOCK_BYTES // (2 * 60_000 * 4)  # Fewer rows fit a larger catalogue.
-  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=60_000) == 50 <= limit
+@pytest.mark.parametrize("rows,k,items", [(1550, 2, 12_101), (1400, 2, 18_357), (1553, 2, 12_101),
+                                          (12_800, 1, 12_101), (70, 2, 12_101), (1550, 2, 40_000)])
+def test_auto_row_block_fits_the_budget_with_the_fewest_blocks_and_little_padding(rows, k, items):
+  block = scoring.auto_row_block("cpu", rows=rows, num_vectors=k, num_items=items)
+  assert scoring._MIN_ROW_BLOCK <= block <= min(rows, scoring.AUTO_ROW_BLOCK_ROWS)  # pylint: disable=protected-access
+  assert block * k * items * 4 <= scoring.AUTO_ROW_BLOCK_BYTES
+  blocks = -(-rows // block)
+  assert blocks * block - rows < blocks  # Padding: less than a row per block.
+  limit = min(scoring.AUTO_ROW_BLOCK_ROWS, scoring.AUTO_ROW_BLOCK_BYTES // (k * items * 4))
+  assert blocks == -(-rows // limit)  # No more blocks than the limit needs.
+
+
+def test_auto_row_block_is_off_for_large_catalogues_and_on_accelerators():
+  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=12_101) == 120
   assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=10_000_000) == 0
   assert scoring.auto_row_block("gpu", rows=1550, num_vectors=2, num_items=12_101) == 0
+  assert scoring.auto_row_block("tpu", rows=1550, num_vectors=2, num_items=12_101) == 0
 
 
 def test_auto_user_block_blocks_users_on_cpu_only():
