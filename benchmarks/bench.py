@@ -523,6 +523,8 @@ def parse_args(argv):
   parser.add_argument("--keep_compile_caches", action="store_true",
                       help="Let JAX / TorchInductor use their persistent compile caches (default: "
                            "cold compiles, so that compile times are honest).")
+  parser.add_argument("--loss_row_block", type=int, default=None,
+                      help="Override config.loss_row_block for fame-jax (0 = item chunks).")
   parser.add_argument("--matmul_sizes", default="2048,3072,4096")
   parser.add_argument("--matmul_repeats", type=int, default=5)
   return parser.parse_args(argv)
@@ -638,6 +640,8 @@ def main(argv=None) -> dict[str, Any]:
   runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
   caches = cold_compile_caches(args.keep_compile_caches)
   config = dataset_config(args)
+  if args.loss_row_block is not None:
+    config.loss_row_block = args.loss_row_block
   info = machine_info()
   log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_avg_start']}, jax "
       f"{info['jax']} on {info['jax_devices']}, torch {info['torch']}")

@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Positions of the training cross-entropy scored at a time against the whole
   # catalogue, the gradients taken in the same pass (scoring.next_item_nll; used
   # instead of loss_chunk_size when > 0). -1 = auto: on CPU up to 160 positions
-  # whose logits fit 12 MiB (Beauty: 120; its step ~10% shorter than with
+  # whose logits fit 15 MiB (Beauty: 155; its step ~10% shorter than with
   # 1024-item chunks, benchmarks/README.md); 0 (off) on GPU/TPU and where fewer
   # than 32 positions fit (scoring.auto_row_block).
   config.loss_row_block = -1

@@ -7,13 +7,17 @@ Everything here works on flat token buffers of user vectors (`[T, K, D]`, see
 `chunk_size > 0` the catalogue is streamed in chunks of items (a running
 log-sum-exp for the loss, running counts for the ranks), so memory is
 `O(T * chunk_size)` instead of `O(T * V)`; the loss's backward pass recomputes
-each chunk (`_streaming_lse`). Ranking works on blocks of users so that their
-scores stay in cache. Scores never leave the device: ranking returns only ranks.
+each chunk (`_streaming_lse`). The training loss can instead score blocks of
+`row_block` positions against the whole catalogue and take its gradients in the
+same pass (`next_item_nll`, memory `O(row_block * V)`; the CPU default). Ranking
+works on blocks of users so that their scores stay in cache. Scores never leave
+the device: ranking returns only ranks.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import chex
@@ -95,6 +99,8 @@ def log_normalizers(vectors: Array, table: Array, chunk_size: int = 0,
 # among the first `_PROBE_ITEMS` items (see `_streaming_lse`).
 _STABILISER_HEADROOM = 40.0
 _PROBE_ITEMS = 128
+# log of float32's largest finite value is 88.7.
+_EXP_RANGE = 87.0
 # Vectors per batch of the exact fallback pass (its `[block, G, chunk]` buffers stay small).
 _FALLBACK_BLOCK = 128
 
@@ -262,11 +268,9 @@ def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: 
   log-sum-exp (`_streaming_lse`, whose backward pass does not know the
   per-row cotangent in advance) needs four and two. Memory is
   `O(row_block * K * V)`: for catalogues whose block logits fit in cache
-  (`auto_row_block`). Each row's stabiliser is `_streaming_lse`'s, fixed
-  before its logits are seen; if any sum overflows (or the input is not
-  finite) the batch is redone with each row's best logit (`lax.cond`, free on
-  CPU when not taken). With a 'data' mesh axis, every block takes `row_block`
-  rows of each device's share, so no rows move.
+  (`auto_row_block`). Each row's stabiliser is fixed before its exps are
+  taken (`_blocked_pass`). With a 'data' mesh axis, every block takes
+  `row_block` rows of each device's share, so no rows move.
   """
   chex.assert_rank(vectors, 3)
   num, k, dim = vectors.shape
@@ -322,57 +326,56 @@ def _blocked_pass(u, log_weights, target_logits, weights, parts, dtype, with_gra
 
   d target_logits = d log_weights = -g, where g `[B, R, K]` is each head's
   responsibility for the target times the position's weight.
+
+  Each row's stabiliser c is `_streaming_lse`'s, min(|u| max_v |e_v|, L + 40)
+  with L the best logit among the first 128 items: the largest term is at
+  least e^-40, and where the bound lies less than `87 - log V` above c no term
+  and no sum of V terms can overflow. Rows past that take their best logit
+  instead, in a `lax.cond` that runs (one more pass over the block's logits)
+  only for a block that holds such a row.
   """
   parts = [p.astype(dtype) for p in parts]
   u_cast = u.astype(dtype)
   row_norm = jnp.sqrt(functools.reduce(jnp.maximum, [
       jnp.max(jnp.sum(jnp.square(p.astype(jnp.float32)), axis=-1), axis=1) for p in parts]))
+  safe_gap = _EXP_RANGE - math.log(sum(p.shape[1] for p in parts))
 
-  def block(u_b, u_t, lw_b, tl_b, w_b, exact):
+  def block(carry, xs):
     """One block: u_b `[K, R, D]` (u_t `[K, D, R]`, its transpose), the rest `[R, ...]`."""
+    u_b, u_t, lw_b, tl_b, w_b = xs
     logits = [jnp.einsum("krd,kvd->krv", u_b, p, preferred_element_type=jnp.float32)
               for p in parts]
-    if exact:  # The row's best logit.
-      c = functools.reduce(jnp.maximum, [x.max(axis=-1) for x in logits])
-    else:  # As `_streaming_lse`: at most 40 above a probe, never above the Cauchy-Schwarz bound.
-      bound = jnp.linalg.norm(u_b.astype(jnp.float32), axis=-1) * row_norm[:, None]
-      c = jnp.minimum(bound, logits[0][..., :_PROBE_ITEMS].max(axis=-1) + _STABILISER_HEADROOM)
+    bound = jnp.linalg.norm(u_b.astype(jnp.float32), axis=-1) * row_norm[:, None]  # [K, R]
+    c = jnp.minimum(bound, logits[0][..., :_PROBE_ITEMS].max(axis=-1) + _STABILISER_HEADROOM)
+    unsafe = bound - c > safe_gap
+    best = lambda: functools.reduce(jnp.maximum, [x.max(axis=-1) for x in logits])
+    c = jax.lax.cond(jnp.any(unsafe), lambda: jnp.where(unsafe, best(), c), lambda: c)
     exps = [jnp.exp(x - c[..., None]) for x in logits]
     total = sum(e.sum(axis=-1) for e in exps)  # [K, R]
     log_mix = lw_b + tl_b - (c + jnp.log(total)).T  # [R, K]: log w_k + log softmax_k(target)
     log_prob = jax.nn.logsumexp(log_mix, axis=-1)
     loss = -jnp.sum(w_b * log_prob)
-    ok = jnp.all(jnp.isfinite(total) & (total > 0))
     if not with_grad:
-      return loss, ok, None
+      return carry, loss
     g = w_b[:, None] * jnp.exp(log_mix - log_prob[:, None])  # [R, K]
     scale = (g.T / total)[..., None]  # [K, R, 1]: the softmax's normaliser folded in.
     du = scale * sum(jnp.einsum("krv,kvd->krd", e.astype(dtype), p,
                                 preferred_element_type=jnp.float32)
                      for e, p in zip(exps, parts))
     scaled_t = (scale.swapaxes(1, 2) * u_t).astype(dtype)  # [K, D, R]
-    d_parts_t = [jnp.einsum("kdr,krv->kdv", scaled_t, e.astype(dtype),
-                            preferred_element_type=jnp.float32) for e in exps]
-    return loss, ok, (du, -g, d_parts_t)
+    carry = [acc + jnp.einsum("kdr,krv->kdv", scaled_t, e.astype(dtype),
+                              preferred_element_type=jnp.float32)
+             for acc, e in zip(carry, exps)]  # The table's gradient, transposed.
+    return carry, (loss, du, -g)
 
-  def run(exact):
-    def step(carry, xs):
-      loss, ok, grads = block(*xs, exact)
-      if not with_grad:
-        return carry, (loss, ok)
-      du, d_lw, d_parts_t = grads
-      return [a + d for a, d in zip(carry, d_parts_t)], (loss, ok, du, d_lw)
-    init = ([jnp.zeros((p.shape[0], p.shape[2], p.shape[1]), jnp.float32) for p in parts]
-            if with_grad else None)
-    carry, out = jax.lax.scan(step, init, (u_cast, u_cast.swapaxes(2, 3), log_weights,
+  init = ([jnp.zeros((p.shape[0], p.shape[2], p.shape[1]), jnp.float32) for p in parts]
+          if with_grad else None)
+  carry, out = jax.lax.scan(block, init, (u_cast, u_cast.swapaxes(2, 3), log_weights,
                                           target_logits, weights))
-    loss, ok = jnp.sum(out[0]), jnp.all(out[1])
-    if not with_grad:
-      return (loss, None), ok
-    return (loss, (out[2], out[3], [d.swapaxes(1, 2) for d in carry])), ok
-
-  fast, ok = run(exact=False)
-  return jax.lax.cond(ok, lambda: fast, lambda: run(exact=True)[0])
+  if not with_grad:
+    return jnp.sum(out), None
+  loss, du, d_log_weights = out
+  return jnp.sum(loss), (du, d_log_weights, [d.swapaxes(1, 2) for d in carry])
 
 
 def _vector_logits(vectors: Array, table: Array, dtype) -> list[Array]:
@@ -542,14 +545,13 @@ def auto_chunk_size(backend: str, rows: int, num_vectors: int, num_items: int) -
 
 
 # `auto_row_block`'s limits: rows per block, and bytes of a block's float32 logits.
-# 12 MiB keeps the whole train step's temporaries under the 64 MiB that glibc
-# serves without page faults (see `runtime.keep_freed_host_memory`): Beauty 60,
-# Toys 59, Sports 65 MB (Yelp's, 76 MB already with item chunks, are past it
-# either way). Sports with 140-row blocks (73 MB) page-faulted 17,000 times a
-# step and ran 25% slower than with item chunks; Beauty's 155-row blocks (64
-# MB) ran ~1.5% faster than its 120-row ones (benchmarks/README.md).
+# 15 MiB keeps the whole train step's temporaries under the 64 MiB that glibc
+# serves without page faults (see `runtime.keep_freed_host_memory`): Beauty 59
+# MB (155 rows), Sports 61 (100), Toys 57 (150); Yelp's are 76 MB with item
+# chunks or row blocks alike. Sports with 140-row blocks (73 MB) page-faulted
+# 17,000 times a step and ran 25% slower than with item chunks.
 AUTO_ROW_BLOCK_ROWS = 160
-AUTO_ROW_BLOCK_BYTES = 12 << 20
+AUTO_ROW_BLOCK_BYTES = 15 << 20
 _MIN_ROW_BLOCK = 32
 
 

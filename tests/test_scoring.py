@@ -214,11 +214,17 @@ def test_row_blocked_loss_and_gradients_equal_the_streamed_ones(k, tables):
     assert np.abs(np.asarray(grads[2])).max() > 0
 
 
-@pytest.mark.parametrize("regime", ["far_below_the_bound", "spread_beyond_the_stabiliser"])
+@pytest.mark.parametrize("regime", ["probe_bounded", "far_below_the_bound",
+                                    "spread_beyond_the_stabiliser"])
 def test_row_blocked_loss_is_exact_at_extreme_logits(regime):
-  """The row-blocked loss fixes its stabiliser as the streamed one does (see below), and
-  falls back to each row's best logit when the stabilised sum overflows."""
-  if regime == "far_below_the_bound":
+  """The row-blocked loss fixes its stabiliser as the streamed one does (see below); a row
+  whose Cauchy-Schwarz bound lies too far above it (its sum could overflow) takes its
+  best logit instead. probe_bounded: logits 35-50 nats under the bound, so the
+  stabiliser is the probe's best logit plus 40."""
+  if regime == "probe_bounded":
+    table = np.linspace(1.0, 0.7, V, dtype=np.float32)[:, None]
+    vectors = np.array([[[-50.0]], [[-40.0]], [[-45.0]]], np.float32)
+  elif regime == "far_below_the_bound":
     table = np.linspace(1.0, 0.7, V, dtype=np.float32)[:, None]
     vectors = np.array([[[-300.0]], [[-250.0]], [[-280.0]]], np.float32)
   else:
@@ -344,7 +350,7 @@ def test_auto_row_block_fits_the_budget_with_the_fewest_blocks_and_little_paddin
 
 
 def test_auto_row_block_is_off_for_large_catalogues_and_on_accelerators():
-  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=12_101) == 120
+  assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=12_101) == 155
   assert scoring.auto_row_block("cpu", rows=1550, num_vectors=2, num_items=10_000_000) == 0
   assert scoring.auto_row_block("gpu", rows=1550, num_vectors=2, num_items=12_101) == 0
   assert scoring.auto_row_block("tpu", rows=1550, num_vectors=2, num_items=12_101) == 0
