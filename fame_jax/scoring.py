@@ -280,6 +280,7 @@ def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: 
   num_items = groups.shape[1]
   devices = mesh.shape.get("data", 1) if mesh is not None else 1
   per_device = num // devices
+  row_block = min(row_block, per_device)
   num_blocks = -(-per_device // row_block)
 
   def blocked(x: Array) -> Array:  # [T, ...] -> [blocks, devices * row_block, ...]
