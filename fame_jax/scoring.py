@@ -298,28 +298,57 @@ def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: 
   f32 = lambda x: x.astype(jnp.float32)  # Gradients come back in float32 (cast back outside).
   return _blocked_nll(blocked(f32(vectors)).transpose(0, 2, 1, 3), blocked(f32(log_weights)),
                       blocked(target_logits), blocked((targets > 0).astype(jnp.float32)),
-                      [f32(groups[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], dtype)
+                      [f32(groups[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], dtype,
+                      mesh if devices > 1 else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blocked_nll(u, log_weights, target_logits, weights, parts, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked_nll(u, log_weights, target_logits, weights, parts, dtype, mesh):
   """`_row_blocked_nll` on blocked inputs: u `[B, K, R, D]`, the rest `[B, R, ...]`."""
-  return _blocked_pass(u, log_weights, target_logits, weights, parts, dtype, False)[0]
+  return _per_device(_blocked_pass, mesh, False)(u, log_weights, target_logits, weights, parts,
+                                                 dtype)[0]
 
 
-def _blocked_nll_fwd(u, log_weights, target_logits, weights, parts, dtype):
-  loss, grads = _blocked_pass(u, log_weights, target_logits, weights, parts, dtype, True)
-  return loss, grads
+def _blocked_nll_fwd(u, log_weights, target_logits, weights, parts, dtype, mesh):
+  return _per_device(_blocked_pass, mesh, True)(u, log_weights, target_logits, weights, parts,
+                                                dtype)
 
 
-def _blocked_nll_bwd(dtype, grads, cotangent):
-  del dtype
+def _blocked_nll_bwd(dtype, mesh, grads, cotangent):
+  del dtype, mesh
   du, d_log_weights, d_parts = grads
   scale = lambda x: cotangent * x
   return scale(du), scale(d_log_weights), scale(d_log_weights), None, [scale(d) for d in d_parts]
 
 
 _blocked_nll.defvjp(_blocked_nll_fwd, _blocked_nll_bwd)
+
+
+def _per_device(blocked_pass, mesh: Mesh | None, with_grad: bool):
+  """`blocked_pass` run by each device on its own rows (a `shard_map` over 'data'), the loss
+  and the table's gradient summed over devices once, after the loop.
+
+  Left to the SPMD partitioner, every block would all-reduce its share of the table's
+  gradient (and its stabiliser's `lax.cond` predicate) inside the loop: on several
+  CPU devices sharing two cores, such blocking collectives can deadlock.
+  """
+  def run(u, log_weights, target_logits, weights, parts, dtype):
+    loss, grads = blocked_pass(u, log_weights, target_logits, weights, parts, dtype, with_grad)
+    if mesh is None:
+      return loss, grads
+    loss = jax.lax.psum(loss, "data")
+    if grads is not None:
+      du, d_log_weights, d_parts = grads
+      grads = du, d_log_weights, [jax.lax.psum(d, "data") for d in d_parts]
+    return loss, grads
+
+  if mesh is None:
+    return run
+  rows = P(None, "data")
+  specs = (P(), (P(None, None, "data"), rows, P()) if with_grad else None)
+  return lambda *args: jax.shard_map(
+      functools.partial(run, dtype=args[-1]), mesh=mesh, check_vma=False,
+      in_specs=(P(None, None, "data"), rows, rows, rows, P()), out_specs=specs)(*args[:-1])
 
 
 def _blocked_pass(u, log_weights, target_logits, weights, parts, dtype, with_grad):
