@@ -270,7 +270,8 @@ def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: 
   `O(row_block * K * V)`: for catalogues whose block logits fit in cache
   (`auto_row_block`). Each row's stabiliser is fixed before its exps are
   taken (`_blocked_pass`). With a 'data' mesh axis, every block takes
-  `row_block` rows of each device's share, so no rows move.
+  `row_block` rows of each device's share, so no rows move, and each device
+  runs its own blocks (`_per_device`).
   """
   chex.assert_rank(vectors, 3)
   num, k, dim = vectors.shape
