@@ -263,6 +263,7 @@ class Run:
     self.eval_result = None
     self.pipelined_s: list[float] = []  # Epochs timed back to back (fame-jax runs only).
     self.faults_per_step: list[float] = []  # Minor page faults per step of those epochs.
+    self.eval_faults: list[int] = []  # Minor page faults of each timed evaluation pass.
 
   def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     raise NotImplementedError
@@ -289,13 +290,14 @@ class Run:
     self.num_targets += count
 
   def timed_eval(self, data: data_lib.EvalData) -> None:
-    t0 = time.perf_counter()
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     self.eval_result = self.eval_pass(data)
     dt = time.perf_counter() - t0
     if self.eval_first_s is None:
       self.eval_first_s = dt  # Compiles.
     else:
       self.eval_s.append(dt)
+      self.eval_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 class JaxRun(Run):
@@ -346,7 +348,7 @@ class TorchRun(Run):
   # What the parent process gets back from the PyTorch phase's process (`finished`).
   RECORD = ("key", "label", "layout", "cfg", "has_eval", "framework", "step_s", "loss_sum",
             "num_targets", "compile_s", "warmup_s", "eval_s", "eval_first_s", "eval_result",
-            "pipelined_s")
+            "eval_faults", "pipelined_s")
 
   def record(self) -> dict[str, Any]:
     return {name: getattr(self, name) for name in self.RECORD}
@@ -577,7 +579,7 @@ def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, A
     for j in range(len(eval_runs)):
       eval_runs[(rep + j) % len(eval_runs)].timed_eval(valid)
     log(f"  evaluation round {rep + 1}/{args.eval_repeats}: "
-        + ", ".join(f"{r.key} {r.eval_s[-1]:.1f}s" for r in eval_runs))
+        + ", ".join(f"{r.key} {r.eval_s[-1]:.2f}s ({r.eval_faults[-1]} faults)" for r in eval_runs))
   results["rss_mb_after"][f"eval_{runs[0].key}"] = rss_mb()
 
 
@@ -767,6 +769,7 @@ def main(argv=None) -> dict[str, Any]:
       metrics, ranks = run.eval_result
       r["eval_s"] = min(run.eval_s) * eval_scale if run.eval_s else None
       r["eval_passes_s"] = run.eval_s
+      r["eval_passes_minor_faults"] = run.eval_faults
       r["eval_compile_s"] = max(0.0, run.eval_first_s - min(run.eval_s or [run.eval_first_s]))
       r["valid_metrics"] = metrics
       if run.framework == "torch":

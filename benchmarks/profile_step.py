@@ -9,8 +9,13 @@ then reads the Perfetto trace it writes (no TensorBoard needed) and reports, per
 step: the kernels (GPU/TPU) or XLA thunks (CPU) executed, their summed
 duration, and the wall time, so that `busy = kernel time / wall time` says
 whether the device computes or waits (for launches, the host, transfers).
-The ops that take the most time are listed by name. The raw trace stays in
-`--trace_dir` for Perfetto (ui.perfetto.dev) or TensorBoard's profiler.
+The ops that take the most time are listed by name, and the time of all ops
+by where in the code they come from (`--scope_depth`): the Flax module or
+`jax.named_scope` in their HLO metadata (`fame_layer`, `block_0/attention`,
+`next_item_nll`, `item_tables`, `optimizer`, ...), forward or backward. (The
+row-blocked loss, `scoring._row_blocked_nll`, takes its gradients in its
+forward pass, so they count as forward.) The raw trace stays in `--trace_dir`
+for Perfetto (ui.perfetto.dev) or TensorBoard's profiler.
 """
 
 from __future__ import annotations
@@ -80,6 +85,57 @@ def busy_time(ops: list[dict[str, Any]]) -> float:
   return total
 
 
+# An HLO instruction and its `op_name` metadata if it has one (compiled HLO text, one per line).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?(?:op_name=\"([^\"]*)\"[^\n]*)?$",
+                          re.M)
+# Name-stack components that wrap a name in a transformation: unwrapped (jit's: dropped).
+_WRAPPER = re.compile(r"^(jit|jvp|transpose|vmap|pjit|remat|checkpoint|shard_map)\((.*)\)$")
+_CONTROL_FLOW = re.compile(r"^(while|body|cond|closed_call|branch_\d+_fun)$")
+
+
+def scope_of(op_name: str, depth: int) -> tuple[str, str]:
+  """("forward" or "backward", scope) of an HLO `op_name` such as
+  `jit(train_step)/transpose(jvp(SequenceRecommender))/SequenceRecommender._facet_heads/
+  fame_layer/vmap(heads)/blnm,bmk->blnk/dot_general`: its first `depth` names (Flax
+  submodules, `jax.named_scope`s, einsum specs), here ("backward", "fame_layer/heads").
+
+  Transformations are unwrapped, control flow and library functions (`jit(_where)`)
+  left out, and so are Flax's class-named scopes (`SequenceRecommender._facet_heads`,
+  `Dropout_0`): their ops count for the enclosing scope. "(step)" when none is left.
+  """
+  parts = op_name.split("/")
+  direction = "backward" if any(p.startswith("transpose(") for p in parts) else "forward"
+  names = []
+  for part in parts[1:-1]:  # parts[0] is jit(<the function>), the last part the primitive.
+    while (match := _WRAPPER.match(part)) and match.group(1) != "jit":
+      part = match.group(2)
+    if part and not _WRAPPER.match(part) and not _CONTROL_FLOW.match(part) and not part[0].isupper():
+      names.append(part)
+  return direction, "/".join(names[:depth]) or "(step)"
+
+
+def op_scopes(hlo_text: str, depth: int) -> dict[str, tuple[str, str]]:
+  """Instruction name -> `scope_of` its op_name ("(no metadata)" without one), for every
+  instruction of compiled HLO text (the names the CPU trace gives its ops, and GPU
+  kernels their fusions')."""
+  return {name: scope_of(op_name, depth) if op_name else ("-", "(no metadata)")
+          for name, op_name in _INSTRUCTION.findall(hlo_text)}
+
+
+def time_by_scope(ops: list[dict[str, Any]], scopes: dict[str, tuple[str, str]],
+                  steps: int) -> list[dict[str, Any]]:
+  """Summed op time and op count per step for each (scope, direction), largest first;
+  ops whose name the program does not hold count as "(not in the program)"."""
+  totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  for e in ops:
+    direction, scope = scopes.get(e["name"], ("-", "(not in the program)"))
+    totals[scope, direction][0] += e["dur"]
+    totals[scope, direction][1] += 1
+  return [{"scope": scope, "direction": direction, "ms_per_step": us / 1e3 / steps,
+           "ops_per_step": count / steps}
+          for (scope, direction), (us, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])]
+
+
 def summarize(ops: list[dict[str, Any]], steps: int, wall_s: float, top: int) -> dict[str, Any]:
   by_name: dict[str, list[float]] = collections.defaultdict(list)
   for e in ops:
@@ -107,6 +163,8 @@ def main() -> None:
   parser.add_argument("--model", default=None, help="Override config.model.name.")
   parser.add_argument("--steps", type=int, default=10, help="Training steps traced.")
   parser.add_argument("--top", type=int, default=15, help="Ops listed by time.")
+  parser.add_argument("--scope_depth", type=int, default=1,
+                      help="Names of the code scope ops are summed by (2: fame_layer/heads).")
   parser.add_argument("--trace_dir", default=None, help="Where the trace goes (default: a temp dir).")
   parser.add_argument("--out", default=None, help="JSON file for the summary.")
   args = parser.parse_args()
@@ -134,12 +192,17 @@ def main() -> None:
     jax.block_until_ready((state, metrics))
     wall_s = time.perf_counter() - start
   where, ops = op_events(load_trace(trace_dir))
+  shapes = {tuple(b["items"].shape) for b in batches}
+  # Instruction names are per program: attribute ops only when one program ran.
+  scopes = (op_scopes(step.lower(state, device_batches[0], rng).compile().as_text(),
+                      args.scope_depth) if len(shapes) == 1 else None)
   summary = {"dataset": exp.dataset.name, "model": config.model.name,
              "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
              "jax": jax.__version__, "batch_shape": list(batches[0]["items"].shape),
              "loss_chunk_size": exp.loss_chunk_size, "loss_row_block": exp.loss_row_block,
              "ops_from": where, "trace_dir": trace_dir,
-             **summarize(ops, len(batches), wall_s, args.top)}
+             **summarize(ops, len(batches), wall_s, args.top),
+             "by_scope": time_by_scope(ops, scopes, len(batches)) if scopes else None}
 
   print(f"{summary['dataset']} {summary['model']} on {summary['device_kind']} "
         f"({where}), batch {summary['batch_shape']}, {len(batches)} steps traced")
@@ -149,6 +212,13 @@ def main() -> None:
   print(f"{'op':60} {'calls/step':>10} {'ms/step':>8}")
   for op in summary["top_ops"]:
     print(f"{op['name'][:60]:60} {op['calls_per_step']:10.1f} {op['ms_per_step']:8.3f}")
+  if summary["by_scope"]:
+    print(f"{'scope':52} {'pass':>8} {'ops/step':>8} {'ms/step':>8}")
+    for row in summary["by_scope"]:
+      print(f"{row['scope'][:52]:52} {row['direction']:>8} {row['ops_per_step']:8.1f} "
+            f"{row['ms_per_step']:8.3f}")
+  else:
+    print(f"(no time by scope: the traced batches ran {len(shapes)} programs)")
   print(f"trace: {trace_dir}")
   if args.out:
     with open(args.out, "w") as f:

@@ -360,7 +360,8 @@ def item_tables(params: Any, cfg: ModelConfig) -> Array:
   rule; the item table E itself otherwise. Row i is item i + 1 (the table's row 0
   is padding, and rows past V pad it to a multiple of 128).
   """
-  table = params["item_embedding"]["embedding"][1:cfg.num_items + 1]
-  if not cfg.per_head_tables:
-    return table
-  return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])
+  with jax.named_scope("item_tables"):
+    table = params["item_embedding"]["embedding"][1:cfg.num_items + 1]
+    if not cfg.per_head_tables:
+      return table
+    return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])

@@ -243,10 +243,11 @@ def next_item_nll(vectors: Array, log_weights: Array, targets: Array, table: Arr
   the gradients in the same pass; otherwise `-sum(next_item_log_prob)`, with
   `chunk_size` as there. Arguments as `next_item_log_prob`'s.
   """
-  if row_block > 0 and (mesh is None or mesh.shape.get("model", 1) == 1):
-    return _row_blocked_nll(vectors, log_weights, targets, table, row_block, dtype, mesh)
-  log_prob = next_item_log_prob(vectors, log_weights, targets, table, chunk_size, dtype, mesh)
-  return -jnp.sum(log_prob * (targets > 0))
+  with jax.named_scope("next_item_nll"):  # Profiles attribute its ops to this name.
+    if row_block > 0 and (mesh is None or mesh.shape.get("model", 1) == 1):
+      return _row_blocked_nll(vectors, log_weights, targets, table, row_block, dtype, mesh)
+    log_prob = next_item_log_prob(vectors, log_weights, targets, table, chunk_size, dtype, mesh)
+    return -jnp.sum(log_prob * (targets > 0))
 
 
 # `_row_blocked_nll` scores the catalogue in this many parts: two independent

@@ -65,3 +65,58 @@ def test_a_written_trace_is_found_and_read(tmp_path):
   assert profile_step.load_trace(str(tmp_path)) == GPU_TRACE
   with pytest.raises(FileNotFoundError, match="perfetto_trace"):
     profile_step.load_trace(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    ("jit(train_step)/transpose(jvp(SequenceRecommender))/SequenceRecommender._facet_heads/"
+     "fame_layer/vmap(heads)/blnm,bmk->blnk/dot_general", ("backward", "fame_layer/heads")),
+    ("jit(train_step)/jvp(next_item_nll)/while/body/closed_call/krd,kvd->krv/dot_general",
+     ("forward", "next_item_nll/krd,kvd->krv")),
+    ("jit(train_step)/jvp(SequenceRecommender)/block_0/attention/jit(_where)/select_n",
+     ("forward", "block_0/attention")),
+    ("jit(train_step)/optimizer/cond/branch_1_fun/add", ("forward", "optimizer")),
+    ("jit(train_step)/jvp()/reduce_max", ("forward", "(step)")),
+])
+def test_an_ops_scope_is_its_module_or_named_scope_without_transformations(op_name, expected):
+  depth = expected[1].count("/") + 1
+  assert profile_step.scope_of(op_name, depth) == expected
+
+
+def test_a_scope_can_be_cut_to_its_first_names():
+  name = "jit(f)/transpose(jvp(Model))/fame_layer/vmap(heads)/query/dot_general"
+  assert profile_step.scope_of(name, 1) == ("backward", "fame_layer")
+  assert profile_step.scope_of(name, 3) == ("backward", "fame_layer/heads/query")
+
+
+def test_compiled_programs_are_attributed_to_their_named_scopes():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def loss(w, x):
+    with jax.named_scope("loss"):
+      y = jax.lax.scan(lambda c, xi: (c + jnp.dot(w, xi) ** 2, None), 0.0, x)[0]
+    with jax.named_scope("tables"):
+      return y + jnp.einsum("vd,d->v", jnp.tanh(x), w).sum()
+
+  def step(w, x):
+    g = jax.grad(loss)(w, x)
+    with jax.named_scope("optimizer"):
+      return w - 0.1 * g
+
+  hlo = jax.jit(step).lower(jnp.ones(4), jnp.ones((3, 4))).compile().as_text()
+  scopes = set(profile_step.op_scopes(hlo, depth=1).values())
+  assert {("forward", "loss"), ("backward", "loss"), ("backward", "tables"),
+          ("forward", "optimizer")} <= scopes
+  assert {scope for _, scope in scopes} <= {"loss", "tables", "optimizer", "(step)",
+                                            "(no metadata)"}
+
+
+def test_op_time_is_summed_by_scope_and_pass():
+  scopes = {"a": ("forward", "loss"), "b": ("backward", "loss"), "c": ("forward", "loss")}
+  ops = [op(1, "a", 0, 10), op(1, "c", 10, 30), op(1, "b", 40, 5), op(1, "zzz", 50, 1),
+         op(1, "a", 60, 10)]
+  rows = profile_step.time_by_scope(ops, scopes, steps=2)
+  assert [(r["scope"], r["direction"]) for r in rows] == [
+      ("loss", "forward"), ("loss", "backward"), ("(not in the program)", "-")]
+  assert rows[0]["ms_per_step"] == pytest.approx(50 / 1e3 / 2)
+  assert rows[0]["ops_per_step"] == 1.5
