@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,18 +17,32 @@ from fame_jax import runtime
 from fame_jax import scoring
 from fame_jax import sharding as sharding_lib
 
-EvalFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
+@dataclasses.dataclass(frozen=True)
+class EvalFn:
+  """`eval_fn(params, batch) -> ranks [B]`, in two jitted parts: `tables(params)`, what
+  the users are scored against (FAME: the per-head tables E W_f^(h), Eq. 9), and
+  `rank(params, tables, batch)`. `evaluate` computes the tables once per pass,
+  not once per batch."""
+  tables: Callable[[Any], jax.Array]
+  rank: Callable[[Any, jax.Array, dict[str, jax.Array]], jax.Array]
+
+  def __call__(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    return self.rank(params, self.tables(params), batch)
+
+  def lower(self, params: Any, batch: dict[str, Any]) -> Any:
+    """`rank`'s lowering for these (possibly abstract) params and batch."""
+    return self.rank.lower(params, jax.eval_shape(self.tables, params), batch)
 
 
 def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                  chunk_size: int = 0, user_block: int = scoring.CPU_USER_BLOCK) -> EvalFn:
-  """A jitted `(params, batch) -> ranks [B]` with the batch sharded over 'data'.
+  """The jitted evaluation step, with the batch sharded over 'data'.
 
   `chunk_size` and `user_block` are `scoring.target_ranks`'s.
   """
   dtype = model_lib.DTYPES[model.cfg.dtype]
 
-  def eval_step(params, batch):
+  def rank(params, tables, batch):
     if "user_rows" in batch:  # Packed histories (data.packed_eval_batches).
       slots = (batch["user_rows"], batch["user_columns"])
       packing = {"segments": batch["segments"], "positions": batch["positions"]}
@@ -37,11 +53,14 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                       **packing)
     vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
-                                model_lib.item_tables(params, model.cfg), chunk_size, dtype,
-                                mesh, user_block)
+                                tables, chunk_size, dtype, mesh, user_block)
 
-  return jax.jit(eval_step, out_shardings=sharding_lib.batch_sharding(mesh),
-                 compiler_options=runtime.compiler_options())
+  options = runtime.compiler_options()
+  return EvalFn(
+      tables=jax.jit(functools.partial(model_lib.item_tables, cfg=model.cfg),
+                     compiler_options=options),
+      rank=jax.jit(rank, out_shardings=sharding_lib.batch_sharding(mesh),
+                   compiler_options=options))
 
 
 HostBatches = list[tuple[dict[str, np.ndarray], np.ndarray]]
@@ -69,9 +88,11 @@ def evaluate(eval_fn: EvalFn, params: Any, data: data_lib.EvalData, batch_size: 
   sharding = sharding_lib.batch_sharding(mesh)
   if batches is None:
     batches = host_batches(data, batch_size, buckets, mesh, packing)
+  tables = eval_fn.tables(params)
   pending = []
   for batch, index in batches:
-    pending.append((eval_fn(params, sharding_lib.global_batch(batch, sharding)), index))
+    pending.append((eval_fn.rank(params, tables, sharding_lib.global_batch(batch, sharding)),
+                    index))
   ranks = np.empty(len(data.targets), np.int64)
   for device_ranks, index in pending:  # One host transfer per batch, after all are queued.
     host = (multihost_utils.process_allgather(device_ranks, tiled=True)

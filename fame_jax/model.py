@@ -206,19 +206,25 @@ class ExpertAttentionHead(nn.Module):
 
   Written for a single head; `FameLayer` maps it over heads with `nn.vmap`.
   Queries come from `x` `[B, Lq, d]`, keys and values from `context` `[B, L, d]`
-  (the same tensor in training). Returns the expert mixture f^(h): `[B, Lq, d']`.
+  (the same tensor in training). With `context_rows` `[B]`, `context` holds
+  other rows `[R, L, d]` and query row b attends to row `context_rows[b]`:
+  keys and values are projected once per row, then gathered. Returns the
+  expert mixture f^(h): `[B, Lq, d']`.
   """
   cfg: ModelConfig
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, context: Array, mask: Array,
+               context_rows: Array | None = None) -> Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
     d_head, n_exp = cfg.head_dim, cfg.num_experts
     key = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="key")(context)  # [B, L, d']
     value = nn.Dense(d_head, kernel_init=init, dtype=dtype, name="value")(context)  # [B, L, d']
+    if context_rows is not None:
+      key, value = key[context_rows], value[context_rows]
     query = nn.DenseGeneral((n_exp, d_head), kernel_init=init, dtype=dtype,
                             name="query")(x)  # [B, Lq, N, d']
     # Scores laid out [B, Lq, N, L]: (query, expert) pairs are contiguous rows of
@@ -245,15 +251,16 @@ class FameLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, context: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, context: Array, mask: Array, deterministic: bool,
+               context_rows: Array | None = None) -> Array:
     cfg = self.cfg
     heads = nn.vmap(
         ExpertAttentionHead,
-        in_axes=(None, None, None), out_axes=2, axis_size=cfg.num_heads,
+        in_axes=(None, None, None, None), out_axes=2, axis_size=cfg.num_heads,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
     )(cfg, deterministic, name="heads")
-    mixed = heads(x, context, mask)  # [B, Lq, H, d']
+    mixed = heads(x, context, mask, context_rows)  # [B, Lq, H, d']
     # Eq. 7: FFN' on d' dimensions, shared by all heads (it acts on the last axis).
     return FeedForward(cfg.head_ffn_size, cfg.activation, cfg.dropout, cfg.layer_norm_eps,
                        cfg.init_std, DTYPES[cfg.dtype],
@@ -278,7 +285,8 @@ class SequenceRecommender(nn.Module):
     `output_at = (rows, columns)`, both `[U]`, asks for the user vectors at
     those U slots only (evaluation: each history's last item), returned as
     `[U, 1, K, d]`. The last layer then runs its queries, FFN and heads at
-    those slots alone; its keys and values still see the whole row.
+    those slots alone; its keys and values still see the whole row (FAME
+    projects them once per row and gathers them for each slot).
     """
     cfg = self.cfg
     chex.assert_rank(items, 2)
@@ -304,34 +312,37 @@ class SequenceRecommender(nn.Module):
     last_layer = "fame_layer" if cfg.name == "fame" else f"block_{num_standard - 1}"
     for i in range(num_standard - (cfg.name == "sasrec" and output_at is not None)):
       x = TransformerBlock(cfg, name=f"block_{i}")(x, mask, deterministic)
-    context = x
+    context, context_rows = x, None
     if output_at is not None:  # The last layer queries from the requested slots only.
       rows, columns = output_at
       chex.assert_shape([rows, columns], (None,))
-      x, context = x[rows, columns][:, None], x[rows]  # [U, 1, d], [U, L, d]
+      x = x[rows, columns][:, None]  # [U, 1, d]
       row_segments = segments[rows]
       mask = ((row_segments == segments[rows, columns][:, None]) & (row_segments > 0)
               & (jnp.arange(length)[None, :] <= columns[:, None]))[:, None, None, :]
       batch, length = rows.shape[0], 1
       if cfg.name == "sasrec":
-        x = TransformerBlock(cfg, name=last_layer)(x, mask, deterministic, context)
+        x = TransformerBlock(cfg, name=last_layer)(x, mask, deterministic, context[rows])
+      else:  # FAME's heads project keys and values once per row, then gather them.
+        context_rows = rows
     if cfg.name == "sasrec":
       vectors = x[:, :, None, :]
       log_weights = jnp.zeros((batch, length, 1), jnp.float32)
     else:
-      vectors, log_weights = self._facet_heads(x, context, mask, deterministic)
+      vectors, log_weights = self._facet_heads(x, context, mask, deterministic, context_rows)
     chex.assert_shape(vectors, (batch, length, cfg.num_vectors, cfg.vector_size))
     chex.assert_shape(log_weights, (batch, length, cfg.num_vectors))
     return UserVectors(vectors, log_weights)
 
-  def _facet_heads(self, x: Array, context: Array, mask: Array,
-                   deterministic: bool) -> tuple[Array, Array]:
+  def _facet_heads(self, x: Array, context: Array, mask: Array, deterministic: bool,
+                   context_rows: Array | None = None) -> tuple[Array, Array]:
     """FAME layer, gate (Eq. 10) and head combination (Eq. 11)."""
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     init = nn.initializers.normal(cfg.init_std)
     batch, length = x.shape[:2]
-    heads = FameLayer(cfg, name="fame_layer")(x, context, mask, deterministic)  # [B, L, H, d']
+    heads = FameLayer(cfg, name="fame_layer")(x, context, mask, deterministic,
+                                              context_rows)  # [B, L, H, d']
     if cfg.gate:
       gate_logits = nn.Dense(cfg.num_heads, kernel_init=init, dtype=dtype, name="gate")(
           heads.reshape(batch, length, cfg.hidden_size))
