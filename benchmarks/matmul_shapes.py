@@ -12,9 +12,9 @@ items), for K = `--heads` user vectors of D = `--dim` (FAME: 2 heads, d' = 32):
 
 and ranking (`scoring._vector_logits`) one `[B, D] x [D, V]` per head for each
 block of B users. Each is timed alone (best of --repeats, both cores), in
-fame-jax's `jnp.einsum` spelling and `runtime.compiler_options()`, then in
-PyTorch (`torch.einsum` / `torch.bmm`, skipped without torch), next to a
-square `jnp.dot` / `torch.mm` (bench.py's peak). GFLOP/s per shape show how far
+fame-jax's `jnp.einsum` spelling and `runtime.compiler_options()`, then with
+`torch.einsum` (skipped without torch), next to a square matmul of
+`--square` (the shape of bench.py's peak). GFLOP/s per shape show how far
 a CPU's XLA kernels fall short of its BLAS for these thin shapes, which differs
 by machine (benchmarks/README.md).
 """
@@ -38,6 +38,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from fame_jax import runtime  # pylint: disable=wrong-import-position
+from fame_jax import scoring  # pylint: disable=wrong-import-position
 
 import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -70,7 +71,8 @@ def main() -> None:
   parser.add_argument("--rows", type=int, default=155, help="Positions per loss block.")
   parser.add_argument("--dim", type=int, default=32, help="Vector size d'.")
   parser.add_argument("--heads", type=int, default=2, help="K: vectors per position.")
-  parser.add_argument("--users", type=int, default=64, help="Users per ranking block.")
+  parser.add_argument("--users", type=int, default=scoring.CPU_USER_BLOCK,
+                      help="Users per ranking block.")
   parser.add_argument("--square", type=int, default=2048, help="Side of the square matmul.")
   parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--skip_torch", action="store_true")
