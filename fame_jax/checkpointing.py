@@ -15,7 +15,9 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -85,6 +87,37 @@ def load_saved_config_dict(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{"params.block_0.ffn.inner.kernel": (shape, dtype), ...}` for the arrays of a train
+  state, or of a checkpoint's metadata tree (Orbax names its leaves the same way)."""
+  def name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
+  return {name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """Raises CheckpointError, naming the first differing array, when the checkpoint's saved
+  shapes or arrays are not the model's; checked from the metadata, before any array is
+  read (an Orbax restore that fails midway leaves its reads running)."""
+  try:
+    saved = manager.item_metadata(step)["state"]
+  except Exception:  # pylint: disable=broad-except
+    return  # Unreadable metadata: the restore itself reports (or falls back).
+  if saved is None:
+    return
+  saved, wanted = _leaf_specs(saved), _leaf_specs(abstract_state)
+  problems = [f"{k}: saved {saved[k][0]} {saved[k][1]}, the model has {wanted[k][0]} "
+              f"{wanted[k][1]}" for k in wanted if k in saved and saved[k] != wanted[k]]
+  problems += [f"{k}: not in the checkpoint" for k in sorted(set(wanted) - set(saved))]
+  problems += [f"{k}: not in the model" for k in sorted(set(saved) - set(wanted))]
+  if problems:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise CheckpointError(f"{manager.directory}/{step}: checkpoint does not match the model "
+                          f"built from the config: {problems[0]}{more}")
+
+
 class RunCheckpoints:
   """The two Orbax managers of a run: "latest" (resume) and "best" (evaluate)."""
 
@@ -99,9 +132,15 @@ class RunCheckpoints:
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix=f"fame_jax_{name}"))
 
-    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
-                                        options=options("latest", keep_latest))
-    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options("best", 1))
+    def manager(name: str, max_to_keep: int) -> ocp.CheckpointManager:
+      # Handlers named up front, so that a checkpoint's metadata can be read before it is.
+      return ocp.CheckpointManager(
+          os.path.join(root, name), options=options(name, max_to_keep),
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+
+    self.latest = manager("latest", keep_latest)
+    self.best = manager("best", 1)
 
   @staticmethod
   def _save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -127,6 +166,7 @@ class RunCheckpoints:
     if step not in manager.all_steps():
       raise CheckpointError(f"{manager.directory}: no checkpoint for step {step}; "
                             f"available: {sorted(manager.all_steps())}")
+    _check_fits(manager, step, abstract_state)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

@@ -6,10 +6,12 @@ against it. All runs share the compiled programs through the compilation cache.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -231,10 +233,31 @@ def test_workdir_refuses_a_different_model_config(config, reference_run, tmp_pat
   # Forcing it does not silently load mismatched weights, for training or for evaluation.
   workdir = str(tmp_path / "run")
   shutil.copytree(reference_dir, workdir)
-  with pytest.raises(checkpointing.CheckpointError):
+  # The error names an array whose saved shape is not the model's.
+  names_an_array = r"does not match the model .*: [\w.]+: saved \([\d, ]+\) float32, the model has"
+  with pytest.raises(checkpointing.CheckpointError, match=names_an_array):
     train_lib.train_and_evaluate(other, workdir, allow_config_change=True)
-  with pytest.raises(checkpointing.CheckpointError):
+  with pytest.raises(checkpointing.CheckpointError, match=names_an_array):
     eval_lib.evaluate_workdir(other, workdir)
+
+
+def test_a_refused_checkpoint_leaves_no_reads_behind(config, reference_run, monkeypatch):
+  # The mismatch is found from the checkpoint's metadata, before any array is read: a restore
+  # that failed midway would leave TensorStore reads completing on a closed event loop.
+  reference_dir, _ = reference_run
+  other = config.copy_and_resolve_references()
+  other.model.num_heads = 4
+  abstract = train_lib.Experiment.from_config(other).abstract_state()
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  checkpoints = checkpointing.RunCheckpoints(reference_dir)
+  try:
+    with pytest.raises(checkpointing.CheckpointError, match="does not match the model"):
+      checkpoints.restore_best(abstract)
+  finally:
+    checkpoints.close()
+  gc.collect()
+  assert not unraisable
 
 
 def test_evaluating_an_untrained_workdir_is_an_error(config, tmp_path):
