@@ -98,9 +98,9 @@ def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
-  """Raises CheckpointError, naming the first differing array, when the checkpoint's saved
-  shapes or arrays are not the model's; checked from the metadata, before any array is
-  read (an Orbax restore that fails midway leaves its reads running)."""
+  """Raises CheckpointError, naming the first differing array, when the checkpoint's arrays
+  (names, shapes, dtypes) are not the model's. Checked from the metadata, before any array
+  is read: an Orbax restore that fails midway leaves its reads running."""
   try:
     saved = manager.item_metadata(step)["state"]
   except Exception:  # pylint: disable=broad-except
