@@ -28,6 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 
+# What `-1` (auto) resolves to; see `auto_chunk_size` and `auto_user_block`.
+CPU_CHUNK_SIZE = 1024
+CPU_USER_BLOCK = 64
+AUTO_LOGITS_BYTES = 1 << 30
+
 
 def _logits(vectors: Array, table: Array, dtype) -> Array:
   """`[T, K, D] x [C, D] (or [K, C, D]) -> [T, K, C]` in `dtype`, float32 accumulation."""
@@ -449,7 +454,7 @@ def _mixture_probs(vectors, log_weights, table, dtype) -> Array:
 
 def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
                  table: Array, chunk_size: int = 0, dtype=jnp.float32,
-                 mesh: Mesh | None = None, user_block: int = 64) -> Array:
+                 mesh: Mesh | None = None, user_block: int = CPU_USER_BLOCK) -> Array:
   """0-based rank of each target among all items: `[B]` int32.
 
   The rank is the number of *other* candidate items whose score is >= the
@@ -552,12 +557,6 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
 
   ranks, _ = jax.lax.scan(count, jnp.zeros((batch,), jnp.int32), (chunks.rows, ids, chunk_index))
   return ranks
-
-
-# What `-1` (auto) resolves to; see `auto_chunk_size` and `auto_user_block`.
-CPU_CHUNK_SIZE = 1024
-CPU_USER_BLOCK = 64
-AUTO_LOGITS_BYTES = 1 << 30
 
 
 def auto_chunk_size(backend: str, rows: int, num_vectors: int, num_items: int) -> int:
