@@ -28,6 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   runtime.keep_freed_host_memory()  # First: before JAX starts its CPU threads.
+  runtime.request_deterministic_ops(_CONFIG.value.get("deterministic", True))  # Before XLA starts.
   runtime.setup_logging()
   runtime.enable_compilation_cache()
   runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

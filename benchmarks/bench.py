@@ -38,9 +38,9 @@ it, not the one fame-jax's `runtime.keep_freed_host_memory` sets up; with
 phase, then step i+1, ...; each step is timed to completion
 (block_until_ready / eager torch), and the sum of its steps is `epoch_blocked_s`.
 A fame-jax epoch is then also timed as the training loop runs it
-(`--pipelined_epochs` rounds, interleaved by epoch, best kept): steps dispatched
-back to back while the next batches are transferred (`prefetch_to_mesh`), one
-sync at the end. That is fame-jax's `epoch_s`: blocking after every step
+(`--pipelined_epochs` rounds, interleaved by epoch, best kept): calls of
+`steps_per_call` steps (1 on CPU) dispatched back to back while the next
+batches are transferred (`prefetch_to_mesh`), one sync at the end. That is fame-jax's `epoch_s`: blocking after every step
 costs it the overlap of the host with the device, which matters where steps
 are short (a GPU); on 2 CPU cores (~75 ms steps) the two agree within noise.
 PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the sum of its
@@ -301,7 +301,7 @@ class Run:
 
 
 class JaxRun(Run):
-  """fame-jax: Experiment.init_state / jit_train_step / make_eval_fn + evaluation.evaluate."""
+  """fame-jax: Experiment.init_state / jit_train_step(s) / make_eval_fn + evaluation.evaluate."""
 
   def __init__(self, key, label, layout, exp: train_lib.Experiment, has_eval: bool):
     super().__init__(key, label, layout, exp.model.cfg)
@@ -309,8 +309,19 @@ class JaxRun(Run):
     self.state = exp.init_state()
     self.p_step = exp.jit_train_step()
     self.sharding = sharding_lib.batch_sharding(exp.mesh)
+    self.p_steps, self.steps_per_call = exp.jit_train_steps(), exp.steps_per_call
+    self.stacked_sharding = sharding_lib.stacked_batch_sharding(exp.mesh)
     self.rng = jax.random.fold_in(jax.random.key(exp.config.seed), 1)  # As the training loop.
     self.eval_fn = exp.make_eval_fn() if has_eval else None
+
+  def warm_up(self, batches: list[dict[str, np.ndarray]]) -> None:
+    super().warm_up(batches)
+    for batch in batches if self.steps_per_call > 1 else []:
+      # Compiles `train_steps` for each shape, on empty batches: no update.
+      empty = {k: np.zeros_like(v) for k, v in batch.items()}
+      stack = data_lib.stack_batches([empty], self.steps_per_call)
+      self.state, _ = self.p_steps(self.state, sharding_lib.global_batch(
+          stack, self.stacked_sharding), self.rng)
 
   def step(self, batch):
     self.state, metrics = self.p_step(self.state, sharding_lib.global_batch(batch, self.sharding),
@@ -319,14 +330,22 @@ class JaxRun(Run):
     return float(metrics["loss_sum"]), float(metrics["num_targets"])
 
   def pipelined_epoch(self, batches: list[dict[str, np.ndarray]]) -> float:
-    """Seconds for `batches` as the training loop runs them: dispatched back to back,
-    transferred ahead (`prefetch_to_mesh`), the loss summed on device, one sync at the end."""
+    """Seconds for `batches` as the training loop runs them: `steps_per_call` at a time
+    (`train_lib.train_steps`), dispatched back to back, transferred ahead
+    (`prefetch_to_mesh`), the metrics read once at the end."""
     f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    loss_sum = jnp.zeros((), jnp.float32)
-    for batch in sharding_lib.prefetch_to_mesh(iter(batches), self.sharding):
-      self.state, metrics = self.p_step(self.state, batch, self.rng)
-      loss_sum = loss_sum + metrics["loss_sum"]
-    jax.block_until_ready((self.state, loss_sum))
+    k, metrics = self.steps_per_call, []
+    if k == 1:  # `jit_train_step`: the same XLA program as one-step calls, without the
+      # stacking axis (a second, alternating program made this process page-fault).
+      for batch in sharding_lib.prefetch_to_mesh(iter(batches), self.sharding):
+        self.state, m = self.p_step(self.state, batch, self.rng)
+        metrics.append(m)
+    else:
+      stacks = (data_lib.stack_batches(batches[i:i + k], k) for i in range(0, len(batches), k))
+      for stack in sharding_lib.prefetch_to_mesh(stacks, self.stacked_sharding):
+        self.state, m = self.p_steps(self.state, stack, self.rng)
+        metrics.append(m)
+    jax.device_get(metrics)
     dt = time.perf_counter() - t0
     self.pipelined_s.append(dt)
     # Minor page faults (memory the kernel maps in afresh) per step; see
@@ -337,7 +356,7 @@ class JaxRun(Run):
 
   def eval_pass(self, data):
     exp = self.exp
-    return evaluation.evaluate(self.eval_fn, self.state.params, data, exp.config.eval_batch_size,
+    return evaluation.evaluate(self.eval_fn, self.state.params, data, exp.eval_batch_size,
                                exp.buckets, exp.mesh, exp.config.data.packing)
 
 
@@ -678,7 +697,7 @@ def main(argv=None) -> dict[str, Any]:
       f"timing {num_timed} steps, {len(valid.targets)}/{num_valid} validation users")
   results: dict[str, Any] = {
       "dataset": dataset.name, "num_users": dataset.num_users, "num_items": dataset.num_items,
-      "batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
+      "batch_size": config.batch_size, "eval_batch_size": exp_fame.eval_batch_size,
       "fame_jax_layout": default_layout, "loss_chunk_size": exp_fame.loss_chunk_size,
       "loss_row_block": exp_fame.loss_row_block,
       "eval_user_block": exp_fame.eval_user_block, "batch_shapes": shapes, "steps_per_epoch": steps,
@@ -718,7 +737,7 @@ def main(argv=None) -> dict[str, Any]:
     job = {"args": args, "cfg": exp_fame.model.cfg, "init_params": init_params,
            "trained_params": jax.device_get(jax_runs[0].state.params),  # Ranked with these.
            "lr": config.optim.learning_rate, "buckets": exp_fame.buckets,
-           "eval_batch_size": config.eval_batch_size, "packs": packs,
+           "eval_batch_size": exp_fame.eval_batch_size, "packs": packs,
            "device": args.torch_device or default_torch_device(), "layouts": layouts,
            "timed": timed, "valid": valid, "sizes": sizes, "checks": checks}
     out = run_torch_phase(job, args.torch_host_memory)

@@ -304,6 +304,15 @@ def make_packed_batch(windows: Windows, rows: list[np.ndarray], rows_per_batch: 
   return batch
 
 
+def stack_batches(batches: list[dict[str, np.ndarray]], steps: int) -> dict[str, np.ndarray]:
+  """1 to `steps` batches of one shape stacked `[steps, ...]`, padded with all-zero batches."""
+  if not 1 <= len(batches) <= steps:
+    raise ValueError(f"stack_batches: {len(batches)} batches for {steps} steps")
+  padding = steps - len(batches)
+  return {k: np.stack([b[k] for b in batches] + [np.zeros_like(batches[0][k])] * padding)
+          for k in batches[0]}
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
   """How an epoch's windows become fixed-shape batches (packed or length-bucketed)."""
@@ -341,6 +350,16 @@ class BatchPlan:
     batch["positions"] = np.broadcast_to(np.arange(length, dtype=np.int32),
                                          batch["items"].shape).copy()
     return batch
+
+  def stacked_batch(self, groups: list, steps: int) -> dict[str, np.ndarray]:
+    """The batches of `groups` stacked, `[steps, rows, length]` (several: packed batches only).
+
+    Calls of fewer than `steps` batches are padded with all-zero batches: no
+    targets, so `train_lib.train_step` leaves the state unchanged.
+    """
+    if steps > 1 and not self.packing:
+      raise ValueError(f"stacked_batch: {steps} steps of unpacked batches (their lengths differ)")
+    return stack_batches([self.make_batch(g) for g in groups], steps)
 
   def batches(self, seed: int, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """The epoch's batches from batch `start_step` on (for an exact resume)."""

@@ -46,7 +46,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int 
   results: dict[str, Any] = {"step": int(state.step)}
   for split in ("valid", "test"):
     metrics, _ = evaluation.evaluate(eval_fn, state.params, exp.eval_data(split),
-                                     config.eval_batch_size, exp.buckets, exp.mesh,
+                                     exp.eval_batch_size, exp.buckets, exp.mesh,
                                      config.data.packing)
     results[split] = metrics
     if jax.process_index() == 0:

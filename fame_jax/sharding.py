@@ -32,6 +32,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches stacked along a leading steps axis: their rows (axis 1) over 'data'."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -46,13 +51,17 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
 def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Turns a host batch (the same global batch on every process) into global arrays.
 
-  Each process contributes only the rows its devices hold.
+  Each process contributes only the rows (the axis `sharding` splits over
+  'data') its devices hold.
   """
   nproc, pid = jax.process_count(), jax.process_index()
+  if nproc == 1:  # One transfer call for the whole batch.
+    return jax.device_put(batch, sharding)
+  axis = list(sharding.spec).index(DATA_AXIS)
 
   def put(x: np.ndarray) -> jax.Array:
-    rows = x.shape[0] // nproc
-    local = x[pid * rows:(pid + 1) * rows] if nproc > 1 else x
+    rows = x.shape[axis] // nproc
+    local = np.take(x, np.arange(pid * rows, (pid + 1) * rows), axis=axis)
     return jax.make_array_from_process_local_data(sharding, local, x.shape)
 
   return {k: put(v) for k, v in batch.items()}

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -110,16 +111,52 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A batch without targets (the padding of a `train_steps` call) changes nothing.
+  update = finite & (count > 0)
   with jax.named_scope("optimizer"):
     if jax.default_backend() == "cpu":  # One branch: no per-leaf select thunks (~2 ms a step).
-      state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads), lambda s: s, state)
+      state = jax.lax.cond(update, lambda s: s.apply_gradients(grads=grads), lambda s: s, state)
     else:  # A conditional would read its predicate back to the host and stall the step loop.
       new_state = state.apply_gradients(grads=grads)
-      state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      state = jax.tree.map(lambda new, old: jnp.where(update, new, old), new_state, state)
   metrics = {"loss_sum": jnp.where(finite, loss_sum, 0.0), "num_targets": count,
              "grad_norm": grad_norm,
              "bad_step": jnp.where(finite, NO_BAD_STEP, state.step).astype(jnp.int32)}
   return state, metrics
+
+
+def train_steps(state: TrainState, batches: Batch, rng: jax.Array, **step_kwargs: Any
+                ) -> tuple[TrainState, dict]:
+  """`train_step` over each batch of `batches` (stacked: `[steps, rows, length]`), in order.
+
+  One program runs all of them (a `lax.scan`), so the host dispatches and
+  transfers once per call instead of once per step. Batches without targets
+  (all zeros) pad the last call of an epoch and leave the state unchanged.
+  Returns the state and each step's metrics, stacked (`[steps]` each).
+  """
+  chex.assert_rank(batches["items"], 3)
+  step = functools.partial(train_step, **step_kwargs)
+  if batches["items"].shape[0] == 1:  # No loop: the program of a single step.
+    state, metrics = step(state, jax.tree.map(lambda x: x[0], batches), rng)
+    return state, jax.tree.map(lambda x: x[None], metrics)
+  return jax.lax.scan(lambda s, batch: step(s, batch, rng), state, batches)
+
+
+def auto_steps_per_call(backend: str, steps_per_epoch: int) -> int:
+  """Training steps per jitted call when `config.steps_per_call` is -1.
+
+  On CPU 1: a step takes tens of milliseconds, its dispatch microseconds. On a
+  GPU or TPU a Beauty step takes ~1.4 ms, and dispatching it, transferring its
+  batch and summing its loss one step at a time made the epoch ~3x longer
+  (benchmarks/README.md): there, the number in 8..16 that pads the epoch's
+  last call with the fewest empty steps (the largest of those on a tie), or
+  the whole epoch when it is shorter than 8 steps.
+  """
+  if backend == "cpu":
+    return 1
+  if steps_per_epoch < 8:
+    return max(steps_per_epoch, 1)
+  return min(range(16, 7, -1), key=lambda k: -steps_per_epoch % k)
 
 
 @dataclasses.dataclass
@@ -150,12 +187,17 @@ def validate_training_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the first impossible training field."""
   checks = [
       ("batch_size", config.batch_size >= 1, ">= 1"),
-      ("eval_batch_size", config.eval_batch_size >= 1, ">= 1"),
+      ("eval_batch_size", config.eval_batch_size >= 1 or config.eval_batch_size == -1,
+       ">= 1, or -1 (auto)"),
       ("num_epochs", config.num_epochs >= 0, ">= 0"),
       ("eval_every_epochs", config.eval_every_epochs >= 1, ">= 1"),
       ("early_stop_patience", config.early_stop_patience >= 1, ">= 1"),
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, ">= 0"),
       ("checkpoint_every_secs", config.get("checkpoint_every_secs", 0) >= 0, ">= 0"),
+      ("steps_per_call", config.get("steps_per_call", -1) >= 1
+       or config.get("steps_per_call", -1) == -1, ">= 1, or -1 (auto)"),
+      ("steps_per_call", config.get("steps_per_call", -1) <= 1 or config.data.packing,
+       "1 or -1 without data.packing (unpacked batches differ in length and cannot be stacked)"),
       ("loss_chunk_size", config.loss_chunk_size >= -1, ">= 0, or -1 (auto)"),
       ("loss_row_block", config.get("loss_row_block", -1) >= -1, ">= 0, or -1 (auto)"),
       ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
@@ -203,12 +245,18 @@ class Experiment:
     dataset = data_lib.load_dataset(config) if dataset is None else dataset
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
     validate_training_config(config)
+    if (config.get("deterministic", True) and jax.default_backend() == "gpu"
+        and not runtime.request_deterministic_ops(False)):
+      logging.warning("config.deterministic: the GPU backend started without %s in XLA_FLAGS "
+                      "(train.py sets it); this run's numbers may differ from run to run",
+                      runtime.DETERMINISTIC_FLAG)
     mesh = sharding_lib.make_mesh(config.mesh_model_axis, devices)
     sharding_lib.check_batch_size(config.batch_size, mesh, "batch_size")
-    sharding_lib.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     buckets = data_lib.bucket_lengths(config.data.length_buckets, config.data.max_len)
-    return cls(config, dataset, model_lib.build_model(model_cfg), mesh, buckets,
-               make_optimizer(config.optim))
+    exp = cls(config, dataset, model_lib.build_model(model_cfg), mesh, buckets,
+              make_optimizer(config.optim))
+    sharding_lib.check_batch_size(exp.eval_batch_size, mesh, "eval_batch_size")
+    return exp
 
   def _state_shapes(self) -> TrainState:
     return jax.eval_shape(functools.partial(init_train_state, self.model, self.tx),
@@ -229,14 +277,40 @@ class Experiment:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         self._state_shapes(), self.state_sharding())
 
+  def _step_kwargs(self) -> dict[str, Any]:
+    return {"model": self.model, "chunk_size": self.loss_chunk_size, "mesh": self.mesh,
+            "row_block": self.loss_row_block}
+
   def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
     repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
-    step = functools.partial(train_step, model=self.model, chunk_size=self.loss_chunk_size,
-                             mesh=self.mesh, row_block=self.loss_row_block)
-    return jax.jit(step, in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
+    return jax.jit(functools.partial(train_step, **self._step_kwargs()),
+                   in_shardings=(state_sharding, sharding_lib.batch_sharding(self.mesh), repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,),
                    compiler_options=runtime.compiler_options())
+
+  def jit_train_steps(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """`train_steps`, jitted like `jit_train_step`; what the training loop calls.
+
+    Its batches are `steps_per_call` batches stacked (`BatchPlan.stacked_batch`),
+    split over 'data' along their rows.
+    """
+    repl, state_sharding = sharding_lib.replicated(self.mesh), self.state_sharding()
+    return jax.jit(functools.partial(train_steps, **self._step_kwargs()),
+                   in_shardings=(state_sharding, sharding_lib.stacked_batch_sharding(self.mesh),
+                                 repl),
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,),
+                   compiler_options=runtime.compiler_options())
+
+  @property
+  def steps_per_call(self) -> int:
+    """`config.steps_per_call`, with -1 resolved for this backend (`auto_steps_per_call`)."""
+    steps = self.config.get("steps_per_call", -1)  # Absent from configs saved before it.
+    if steps >= 1:
+      return steps
+    if not self.config.data.packing:
+      return 1
+    return auto_steps_per_call(jax.default_backend(), self.batch_plan().steps_per_epoch())
 
   @functools.cached_property
   def _plan(self) -> data_lib.BatchPlan:
@@ -280,6 +354,15 @@ class Experiment:
       return block
     return scoring.auto_user_block(jax.default_backend())
 
+  @property
+  def eval_batch_size(self) -> int:
+    """`config.eval_batch_size`, -1 resolved for this backend (`scoring.auto_eval_batch_size`)."""
+    size = self.config.eval_batch_size
+    if size >= 1:
+      return size
+    return scoring.auto_eval_batch_size(jax.default_backend(), self.model.cfg.num_vectors,
+                                        self.model.cfg.num_items)
+
   def eval_data(self, split: str) -> data_lib.EvalData:
     return data_lib.eval_data(data_lib.eval_split(self.dataset, split), self.config.data.max_len,
                               self.config.data.exclude_history)
@@ -291,7 +374,7 @@ class Experiment:
   def eval_batches(self, data: data_lib.EvalData) -> evaluation.HostBatches:
     """`data`'s evaluation batches, as `evaluation.evaluate` cuts them for this config."""
     config = self.config
-    return evaluation.host_batches(data, config.eval_batch_size, self.buckets, self.mesh,
+    return evaluation.host_batches(data, self.eval_batch_size, self.buckets, self.mesh,
                                    config.data.packing)
 
 
@@ -305,7 +388,7 @@ def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,
   """
   config = exp.config
   start = time.perf_counter()
-  metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, config.eval_batch_size,
+  metrics, _ = evaluation.evaluate(eval_fn, state.params, valid_data, exp.eval_batch_size,
                                    exp.buckets, exp.mesh, config.data.packing, valid_batches)
   score = metrics[config.early_stop_metric]
   best_meta = None
@@ -407,12 +490,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     checkpointing.save_config(workdir, config)
 
-  p_train_step = exp.jit_train_step()
+  p_train_steps = exp.jit_train_steps()
+  steps_per_call = exp.steps_per_call
   eval_fn = exp.make_eval_fn()
-  batch_sharding = sharding_lib.batch_sharding(exp.mesh)
+  batch_sharding = sharding_lib.stacked_batch_sharding(exp.mesh)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.truncate(after_epoch=progress.epoch)  # Drop lines of epochs the resume will redo.
+  copy_state = jax.jit(lambda s: jax.tree.map(jnp.copy, s))  # One dispatch, not one per leaf.
 
   # A new best state waits on the device (a copy: the next step donates `state`) until
   # the next save of the latest state, which writes both: the two on disk always agree.
@@ -427,48 +512,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoints.save_latest(host_step, state, {"progress": progress.to_json()})
     last_save = time.monotonic()
 
-  def check_finite(bad_step) -> None:
-    bad = int(bad_step)
+  def fold_metrics() -> None:
+    """Adds the calls' metrics to the epoch's sums (one host sync); stops on a bad step."""
+    bad = NO_BAD_STEP
+    for metrics in jax.device_get(pending_metrics):
+      for loss_sum, count, bad_step in zip(metrics["loss_sum"], metrics["num_targets"],
+                                           metrics["bad_step"]):
+        progress.loss_sum += float(loss_sum)
+        progress.num_targets += float(count)
+        bad = min(bad, int(bad_step))
+    pending_metrics.clear()
     if bad != NO_BAD_STEP:
       checkpoints.wait()
       raise NonFiniteLossError(
           f"non-finite loss or gradient at step {bad} (epoch {progress.epoch + 1}); training "
           f"stopped, the last good checkpoint in {workdir}/checkpoints is intact")
 
+  def every(n: int, before: int, after: int) -> bool:
+    """Whether a multiple of `n` (> 0) lies in (before, after]."""
+    return n > 0 and after // n > before // n
+
   preempted = False
   host_step = int(state.step)  # Mirrors state.step without a device sync per step.
+  calls = 0  # Train calls of this process: the preemption sync point counts these.
+  pending_metrics: list[dict[str, jax.Array]] = []  # Of calls not yet in `progress`' sums.
   with PreemptionWatcher() as preemption:
     try:
       while not progress.finished and progress.epoch < config.num_epochs:
         epoch_start = time.perf_counter()
-        loss_sum = jnp.asarray(progress.loss_sum, jnp.float32)
-        num_targets = jnp.asarray(progress.num_targets, jnp.float32)
-        bad_step = jnp.asarray(NO_BAD_STEP, jnp.int32)
         groups = plan.epoch_groups(config.seed, progress.epoch)  # Packed once per epoch.
         num_steps = len(groups)
         bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
                         desc=f"epoch {progress.epoch + 1}/{config.num_epochs}",
                         disable=jax.process_index() != 0, leave=False, dynamic_ncols=True)
+        remaining = groups[progress.step_in_epoch:]
+        chunks = [remaining[i:i + steps_per_call]
+                  for i in range(0, len(remaining), steps_per_call)]
         batches = sharding_lib.prefetch_to_mesh(
-            (plan.make_batch(g) for g in groups[progress.step_in_epoch:]),
-            batch_sharding)
-        for batch in batches:
-          state, metrics = p_train_step(state, batch, dropout_rng)
-          loss_sum = loss_sum + metrics["loss_sum"]
-          num_targets = num_targets + metrics["num_targets"]
-          bad_step = jnp.minimum(bad_step, metrics["bad_step"])
-          progress.step_in_epoch += 1
-          host_step += 1
-          bar.update(1)
-          if progress.step_in_epoch % max(config.log_every_steps, 1) == 0:
-            check_finite(bad_step)
-            bar.set_postfix(loss=f"{float(loss_sum) / max(float(num_targets), 1.0):.4f}")
-          periodic = (config.checkpoint_every_steps > 0
-                      and progress.step_in_epoch % config.checkpoint_every_steps == 0)
-          stop = preemption.reached(host_step) and progress.step_in_epoch < num_steps
+            (plan.stacked_batch(chunk, steps_per_call) for chunk in chunks), batch_sharding)
+        for chunk, batch in zip(chunks, batches):
+          state, metrics = p_train_steps(state, batch, dropout_rng)
+          pending_metrics.append(metrics)
+          before = progress.step_in_epoch
+          progress.step_in_epoch += len(chunk)
+          host_step += len(chunk)
+          calls += 1
+          bar.update(len(chunk))
+          if every(max(config.log_every_steps, 1), before, progress.step_in_epoch):
+            fold_metrics()
+            bar.set_postfix(loss=f"{progress.loss_sum / max(progress.num_targets, 1.0):.4f}")
+          periodic = every(config.checkpoint_every_steps, before, progress.step_in_epoch)
+          stop = preemption.reached(calls) and progress.step_in_epoch < num_steps
           if (periodic or stop) and progress.step_in_epoch < num_steps:
-            check_finite(bad_step)
-            progress.loss_sum, progress.num_targets = float(loss_sum), float(num_targets)
+            fold_metrics()
             save_latest()
           if stop:
             preempted = True
@@ -476,9 +572,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.close()
         if preempted:
           break
-        check_finite(bad_step)
+        fold_metrics()
         record = {"epoch": progress.epoch + 1, "step": host_step,
-                  "train_loss": float(loss_sum) / max(float(num_targets), 1.0),
+                  "train_loss": progress.loss_sum / max(progress.num_targets, 1.0),
                   "train_seconds": time.perf_counter() - epoch_start}
         progress.epoch += 1
         progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
@@ -488,11 +584,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           record.update(fields)
         writer.write(record)  # Before the checkpoint: a crash in between redoes the epoch.
         # Asked once: a SIGTERM arriving after the save decision must not stop an unsaved run.
-        preempted = preemption.reached(host_step)
+        preempted = preemption.reached(calls)
         due = (progress.finished or progress.epoch >= config.num_epochs or preempted
                or _all_agree(time.monotonic() - last_save >= config.checkpoint_every_secs))
         if best_meta is not None:
-          pending_best = (host_step, state if due else jax.tree.map(jnp.copy, state), best_meta)
+          pending_best = (host_step, state if due else copy_state(state), best_meta)
         if due:
           save_latest()
         logging.info("%s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

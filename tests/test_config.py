@@ -85,6 +85,7 @@ BAD_TRAINING_FIELDS = [
     pytest.param("loss_chunk_size", -2, id="loss_chunk_size"),
     pytest.param("loss_row_block", -2, id="loss_row_block"),
     pytest.param("eval_user_block", -2, id="eval_user_block"),
+    pytest.param("steps_per_call", 0, id="steps_per_call"),
 ]
 
 
@@ -99,6 +100,16 @@ def test_training_config_errors_name_the_field(field, value):
   dataset = data_lib.Dataset("t", [np.arange(1, 6, dtype=np.int32)] * 4, 5)
   with pytest.raises(model_lib.ConfigError, match=field.replace(".", r"\.")):
     train_lib.Experiment.from_config(config, dataset)
+
+
+def test_several_steps_per_call_need_packed_batches():
+  config = tiny_model_config()
+  config.data.packing, config.steps_per_call = False, 3
+  dataset = data_lib.Dataset("t", [np.arange(1, 6, dtype=np.int32)] * 4, 5)
+  with pytest.raises(model_lib.ConfigError, match=r"config\.steps_per_call: .*data\.packing"):
+    train_lib.Experiment.from_config(config, dataset)
+  config.steps_per_call = -1  # Auto: one step per call without packing, on any backend.
+  assert train_lib.Experiment.from_config(config, dataset).steps_per_call == 1
 
 
 def test_experiment_refuses_unknown_early_stop_metric(tiny_config):

@@ -109,10 +109,13 @@ def test_a_config_saved_before_newer_fields_still_evaluates(reference_run, tmp_p
   shutil.copytree(workdir, old)
   with open(os.path.join(old, checkpointing.CONFIG_FILE)) as f:
     saved = json.load(f)
-  del saved["eval_user_block"]  # Added after the first released runs.
+  for field in ("eval_user_block", "steps_per_call", "deterministic"):
+    del saved[field]  # Added after the first released runs.
   saved["loss_chunk_size"] = 1024  # What those runs saved.
+  saved["eval_batch_size"] = 512
   with open(os.path.join(old, checkpointing.CONFIG_FILE), "w") as f:
     json.dump(saved, f)
+  train_lib.check_resumable(old, small_synthetic_config(), allow_config_change=False)
   offline = eval_lib.evaluate_workdir(checkpointing.load_config(old), old)
   assert offline["valid"] == pytest.approx(results["valid"], rel=1e-6, abs=1e-9)
 
@@ -125,31 +128,46 @@ def test_same_config_and_seed_reproduce_the_run(config, reference_run, tmp_path)
   assert again["valid"] == results["valid"] and again["test"] == results["test"]
 
 
-@pytest.mark.parametrize("checkpoint_every_secs", [0.0, 1e9])
+def test_several_steps_per_call_reproduce_the_run(config, reference_run, tmp_path):
+  """Three steps per jitted call (8 an epoch: the last call padded) give the same numbers."""
+  reference_dir, reference = reference_run
+  config = config.copy_and_resolve_references()
+  config.steps_per_call = 3
+  assert train_lib.Experiment.from_config(config).batch_plan().steps_per_epoch() % 3
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert comparable(metric_writers.read_metrics(str(tmp_path))) == comparable(
+      metric_writers.read_metrics(reference_dir))
+  assert results["valid"] == reference["valid"] and results["test"] == reference["test"]
+
+
+@pytest.mark.parametrize("checkpoint_every_secs,steps_per_call", [(0.0, -1), (1e9, -1), (0.0, 3)])
 def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkeypatch,
-                                         checkpoint_every_secs):
+                                         checkpoint_every_secs, steps_per_call):
   """SIGTERM inside epoch 3, then a crash inside epoch 5: the resumed run equals the reference.
 
-  The interruptions are triggered from the train step (by its global step
-  number), so they do not depend on how far ahead batches are prefetched.
+  The interruptions are triggered from the train call (by the global step it
+  reaches), so they do not depend on how far ahead batches are prefetched.
   With checkpoints every epoch the crash loses epoch 5 only; with a time
   interval longer than the run, SIGTERM's checkpoint is the only one before
-  the end, and the crash sends the run back to it.
+  the end, and the crash sends the run back to it. With 3 steps per call the
+  run stops and resumes between calls.
   """
   workdir = str(tmp_path)
   config = config.copy_and_resolve_references()
   config.checkpoint_every_secs = checkpoint_every_secs
+  config.steps_per_call = steps_per_call
   reference_dir, reference = reference_run
   steps_per_epoch = metric_writers.read_metrics(reference_dir)[0]["step"]
-  assert steps_per_epoch >= 3
-  original_jit_train_step = train_lib.Experiment.jit_train_step
-  interrupt = {}  # global step just trained -> "sigterm" | "crash"
+  per_call = train_lib.Experiment.from_config(config).steps_per_call
+  assert steps_per_epoch > per_call + 1
+  original_jit_train_steps = train_lib.Experiment.jit_train_steps
+  interrupt = {}  # global step a call reaches -> "sigterm" | "crash"
 
-  def jit_train_step(self):
-    step_fn = original_jit_train_step(self)
+  def jit_train_steps(self):
+    steps_fn = original_jit_train_steps(self)
 
-    def step(state, batch, rng):
-      state, metrics = step_fn(state, batch, rng)
+    def steps(state, batches, rng):
+      state, metrics = steps_fn(state, batches, rng)
       how = interrupt.pop(int(state.step), None)
       if how == "sigterm":
         # Never kill the test session: signal only if the trainer handles SIGTERM.
@@ -159,18 +177,18 @@ def test_interrupted_run_resumes_exactly(config, reference_run, tmp_path, monkey
         raise RuntimeError("simulated crash")
       return state, metrics
 
-    return step
+    return steps
 
-  monkeypatch.setattr(train_lib.Experiment, "jit_train_step", jit_train_step)
+  monkeypatch.setattr(train_lib.Experiment, "jit_train_steps", jit_train_steps)
 
-  sigterm_step = 2 * steps_per_epoch + 2  # The second step of epoch 3.
+  sigterm_step = 2 * steps_per_epoch + per_call  # After the first call of epoch 3.
   interrupt[sigterm_step] = "sigterm"
   out = train_lib.train_and_evaluate(config, workdir)
   assert out.get("preempted") is True
   assert out["step"] == sigterm_step  # Saved mid-epoch, at the step it stopped.
   assert [r["epoch"] for r in metric_writers.read_metrics(workdir)] == [1, 2]
 
-  interrupt[4 * steps_per_epoch + 1] = "crash"  # Epoch 5's first step.
+  interrupt[4 * steps_per_epoch + per_call] = "crash"  # Epoch 5's first call.
   with pytest.raises(RuntimeError, match="simulated crash"):
     train_lib.train_and_evaluate(config, workdir)
   assert [r["epoch"] for r in metric_writers.read_metrics(workdir)] == [1, 2, 3, 4]

@@ -131,3 +131,30 @@ def test_cpu_programs_ask_for_512_bit_vectors_unless_the_environment_says_otherw
   monkeypatch.setenv("FAME_JAX_CPU_VECTOR_WIDTH", "512")
   wide = jax.jit(lambda x: jnp.exp(x) * 2.0, compiler_options=runtime.compiler_options())(x)
   np.testing.assert_allclose(wide, np.exp(np.asarray(x, np.float64)) * 2.0, rtol=1e-6)
+
+
+def test_deterministic_ops_flag_is_added_once_and_never_overrides_the_user(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert runtime.request_deterministic_ops(True)
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_gpu_deterministic_ops=true")
+  assert runtime.request_deterministic_ops(True)  # Already there: not added twice.
+  assert os.environ["XLA_FLAGS"].count("deterministic") == 1
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")  # The user's choice wins.
+  assert not runtime.request_deterministic_ops(True)
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
+  monkeypatch.delenv("XLA_FLAGS")
+  assert not runtime.request_deterministic_ops(False)  # config.deterministic = False.
+  assert "XLA_FLAGS" not in os.environ
+
+
+def test_xla_accepts_the_deterministic_flag_set_after_importing_jax():
+  """XLA aborts on a flag it does not know; set before the backend starts, this one runs."""
+  code = ("import jax; from fame_jax import runtime; runtime.request_deterministic_ops(True); "
+          "import os; print(os.environ['XLA_FLAGS']); print(jax.jit(lambda x: x * 2)(21))")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(sys.path)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["--xla_gpu_deterministic_ops=true", "42"]

@@ -163,3 +163,40 @@ def test_non_finite_step_leaves_the_state_unchanged_and_reports_the_step(dataset
   assert int(new_state.step) == 0
   new_params = jax.device_get(new_state.params)
   jax.tree.map(np.testing.assert_array_equal, new_params, broken)
+
+
+def test_a_multi_step_call_equals_its_steps_one_by_one_and_skips_padding(dataset, devices):
+  """`train_steps` on 4 devices: two real batches and an all-zero one (the padding of an
+  epoch's last call) give the state of the two single steps; the padding counts nothing."""
+  exp = experiment(dataset, **STEP_MODEL)
+  plan = exp.batch_plan()
+  groups = plan.epoch_groups(seed=0, epoch=0)[:2]
+  rng = jax.random.key(3)
+  expected_state, expected_metrics = run_steps(exp, exp.init_state(), map(plan.make_batch, groups),
+                                               rng)
+
+  stacked = plan.stacked_batch(groups, steps=3)
+  assert stacked["items"].shape == (3, plan.rows_per_batch, plan.max_len)
+  assert not stacked["targets"][2].any()
+  sharding = sharding_lib.stacked_batch_sharding(exp.mesh)
+  state, metrics = exp.jit_train_steps()(exp.init_state(), sharding_lib.global_batch(
+      stacked, sharding), rng)
+  state, metrics = jax.device_get((state, metrics))
+
+  assert int(state.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state.params, expected_state.params)
+  for key in ("loss_sum", "num_targets"):
+    np.testing.assert_allclose(metrics[key], [m[key] for m in expected_metrics] + [0.0],
+                               rtol=1e-6)
+  np.testing.assert_array_equal(metrics["bad_step"], [train_lib.NO_BAD_STEP] * 3)
+
+
+def test_steps_per_call_auto_is_one_on_cpu_and_pads_little_elsewhere():
+  assert train_lib.auto_steps_per_call("cpu", 88) == 1
+  assert train_lib.auto_steps_per_call("gpu", 88) == 11  # 8 calls, no padding.
+  assert train_lib.auto_steps_per_call("tpu", 76) == 11  # 7 calls, one empty step.
+  assert train_lib.auto_steps_per_call("gpu", 5) == 5  # A short epoch: one call.
+  for steps in range(8, 200):
+    k = train_lib.auto_steps_per_call("gpu", steps)
+    assert 8 <= k <= 16 and -steps % k == min(-steps % j for j in range(8, 17))
