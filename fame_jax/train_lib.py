@@ -1,8 +1,10 @@
 """Training: optimizer, the pure sharded train step, and the epoch loop.
 
-`train_step(state, batch, rng) -> (state, metrics)` is a pure function; it is
-jitted with explicit `NamedSharding`s (batch split over the 'data' mesh axis,
-state replicated) and the state donated. A step whose loss or gradient is not
+`train_step(state, batch, rng) -> (state, metrics)` is a pure function;
+`train_steps` runs it over several stacked batches in one program (what the
+epoch loop calls, `config.steps_per_call` at a time). Both are jitted with
+explicit `NamedSharding`s (batch rows split over the 'data' mesh axis, state
+replicated) and the state donated. A step whose loss or gradient is not
 finite leaves the state unchanged and reports itself, so the loop can stop
 with the step number while the last good state (and checkpoint) is intact.
 """
