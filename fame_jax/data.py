@@ -383,7 +383,13 @@ class EvalData:
   exclude: np.ndarray  # [U, X] unique history items to drop from the ranking, 0-padded
 
 
-def eval_data(split: EvalSplit, max_len: int, exclude_history: bool) -> EvalData:
+def eval_data(split: EvalSplit, max_len: int, exclude_history: bool,
+              exclude_width: int = 0) -> EvalData:
+  """The split's histories (last `max_len` items), targets and items to exclude.
+
+  `exclude` is `[users, W]`, W the most distinct items in a history, or
+  `exclude_width` if that is more (another split's: one shape for both).
+  """
   histories = split.histories
   num = len(histories)
   items = np.zeros((num, max_len), np.int32)
@@ -394,7 +400,7 @@ def eval_data(split: EvalSplit, max_len: int, exclude_history: bool) -> EvalData
     lengths[u] = len(recent)
   if exclude_history:
     uniques = [np.unique(h) for h in histories]
-    width = max(len(x) for x in uniques)
+    width = max(max(len(x) for x in uniques), exclude_width)
     exclude = np.zeros((num, width), np.int32)
     for u, x in enumerate(uniques):
       exclude[u, :len(x)] = x
@@ -425,7 +431,8 @@ def eval_batches(data: EvalData, batch_size: int,
     yield batch, index
 
 
-def packed_eval_batches(data: EvalData, batch_size: int, row_multiple: int = 1
+def packed_eval_batches(data: EvalData, batch_size: int, row_multiple: int = 1,
+                        rows: int | None = None
                         ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
   """Yields (batch, user indices of its first slots): histories packed end to end into rows.
 
@@ -434,16 +441,23 @@ def packed_eval_batches(data: EvalData, batch_size: int, row_multiple: int = 1
   packed best-fit into rows of `max_len` slots. All batches then share one
   shape, `[rows, max_len]` with `rows` the most any batch needs (rounded up to
   `row_multiple`), so evaluation compiles once and runs on ~real tokens only.
+  Given `rows` (another split's, a multiple of `row_multiple`), the batches
+  take exactly that many, users being dealt into more batches if they need
+  more, so that one compiled program ranks both splits.
   `user_rows` / `user_columns` `[batch_size]` locate each user's last item;
   slots past the batch's users point at row 0, column 0 and are dropped.
   """
   num, row_len = data.items.shape
   num_batches = -(-num // batch_size)
   by_length = np.argsort(-data.lengths, kind="stable")
-  groups = [by_length[b::num_batches] for b in range(num_batches)]
-  packed = [pack_rows(data.lengths, group, row_len) for group in groups]
-  rows = max(len(p) for p in packed)
-  rows = -(-rows // row_multiple) * row_multiple
+  while True:
+    groups = [by_length[b::num_batches] for b in range(num_batches)]
+    packed = [pack_rows(data.lengths, group, row_len) for group in groups]
+    need = max(len(p) for p in packed)
+    if rows is None or need <= rows:
+      break
+    num_batches = max(num_batches + 1, -(-num_batches * need // rows))  # A user needs one row.
+  rows = -(-need // row_multiple) * row_multiple if rows is None else rows
   for packing in packed:
     batch = {k: np.zeros((rows, row_len), np.int32) for k in ("items", "segments", "positions")}
     batch["user_rows"] = np.zeros(batch_size, np.int32)

@@ -45,9 +45,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: int 
   eval_fn = exp.make_eval_fn() if eval_fn is None else eval_fn
   results: dict[str, Any] = {"step": int(state.step)}
   for split in ("valid", "test"):
-    metrics, _ = evaluation.evaluate(eval_fn, state.params, exp.eval_data(split),
-                                     exp.eval_batch_size, exp.buckets, exp.mesh,
-                                     config.data.packing)
+    data = exp.eval_data(split)
+    metrics, _ = evaluation.evaluate(eval_fn, state.params, data, exp.eval_batch_size,
+                                     exp.buckets, exp.mesh, config.data.packing,
+                                     exp.eval_batches(data))
     results[split] = metrics
     if jax.process_index() == 0:
       _write_json(os.path.join(workdir, f"eval_{split}.json"), {"step": int(state.step), **metrics})

@@ -67,14 +67,17 @@ HostBatches = list[tuple[dict[str, np.ndarray], np.ndarray]]
 
 
 def host_batches(data: data_lib.EvalData, batch_size: int, buckets: tuple[int, ...],
-                 mesh: jax.sharding.Mesh, packing: bool = False) -> HostBatches:
+                 mesh: jax.sharding.Mesh, packing: bool = False,
+                 rows: int | None = None) -> HostBatches:
   """The batches of an evaluation pass and the users each holds; build once, evaluate often.
 
   With `packing`, histories are packed end to end into rows (one batch shape,
-  no padding; `data.packed_eval_batches`), else padded to length `buckets`.
+  no padding; `data.packed_eval_batches`, which `rows` is passed to), else
+  padded to length `buckets`.
   """
   if packing:
-    return list(data_lib.packed_eval_batches(data, batch_size, row_multiple=mesh.shape["data"]))
+    return list(data_lib.packed_eval_batches(data, batch_size, row_multiple=mesh.shape["data"],
+                                             rows=rows))
   return list(data_lib.eval_batches(data, batch_size, buckets))
 
 

@@ -366,18 +366,37 @@ class Experiment:
                                         self.model.cfg.num_items)
 
   def eval_data(self, split: str) -> data_lib.EvalData:
+    """The split's evaluation data, with the test split's `exclude` width (see `eval_batches`)."""
     return data_lib.eval_data(data_lib.eval_split(self.dataset, split), self.config.data.max_len,
-                              self.config.data.exclude_history)
+                              self.config.data.exclude_history,
+                              self._exclude_width if self.config.data.exclude_history else 0)
+
+  @functools.cached_property
+  def _exclude_width(self) -> int:
+    """The most distinct items in a test history (test histories hold the validation ones)."""
+    return max(len(np.unique(h)) for h in data_lib.eval_split(self.dataset, "test").histories)
 
   def make_eval_fn(self) -> evaluation.EvalFn:
     return evaluation.make_eval_fn(self.model, self.mesh, self.config.eval_chunk_size,
                                    self.eval_user_block)
 
   def eval_batches(self, data: data_lib.EvalData) -> evaluation.HostBatches:
-    """`data`'s evaluation batches, as `evaluation.evaluate` cuts them for this config."""
-    config = self.config
-    return evaluation.host_batches(data, self.eval_batch_size, self.buckets, self.mesh,
-                                   config.data.packing)
+    """`data`'s evaluation batches, as `evaluation.evaluate` cuts them for this config.
+
+    Packed, every split's batches take the validation batches' shape, so that
+    evaluation compiles once per run (the test histories, one item longer,
+    would otherwise need a second program).
+    """
+    packing = self.config.data.packing
+    return evaluation.host_batches(data, self.eval_batch_size, self.buckets, self.mesh, packing,
+                                   rows=self._eval_rows if packing else None)
+
+  @functools.cached_property
+  def _eval_rows(self) -> int:
+    """Rows of the validation split's packed evaluation batches."""
+    (batch, _), *_ = evaluation.host_batches(self.eval_data("valid"), self.eval_batch_size,
+                                             self.buckets, self.mesh, packing=True)
+    return batch["items"].shape[0]
 
 
 def _validate(exp: Experiment, eval_fn: evaluation.EvalFn, state: TrainState,

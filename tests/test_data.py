@@ -271,6 +271,34 @@ def test_packed_eval_batches_hold_every_history_once_at_one_shape():
   assert sorted(seen) == list(range(41))
 
 
+def test_test_batches_can_take_the_validation_batches_shape():
+  """Given the validation batches' rows (and exclude width), the test split's longer
+  histories are dealt into more batches of that shape: one compiled program for both."""
+  rng = np.random.default_rng(6)
+  dataset = data_lib.Dataset("t", random_sequences(rng, 60, 30, 3, 14), 30)
+  valid_split, test_split = (data_lib.eval_split(dataset, s) for s in ("valid", "test"))
+  width = data_lib.eval_data(test_split, 10, exclude_history=True).exclude.shape[1]
+  valid = data_lib.eval_data(valid_split, 10, exclude_history=True, exclude_width=width)
+  test = data_lib.eval_data(test_split, 10, exclude_history=True, exclude_width=width)
+  assert valid.exclude.shape == test.exclude.shape
+  valid_batches = list(data_lib.packed_eval_batches(valid, 16, row_multiple=2))
+  rows = valid_batches[0][0]["items"].shape[0]
+  free = list(data_lib.packed_eval_batches(test, 16, row_multiple=2))
+  assert free[0][0]["items"].shape[0] > rows  # Left alone, test batches need more rows.
+  fitted = list(data_lib.packed_eval_batches(test, 16, row_multiple=2, rows=rows))
+  assert len(fitted) > len(free) == len(valid_batches)
+  shapes = {k: v.shape for k, v in valid_batches[0][0].items()}
+  seen = []
+  for batch, index in fitted:
+    assert {k: v.shape for k, v in batch.items()} == shapes
+    for slot, u in enumerate(index):
+      r, c = batch["user_rows"][slot], batch["user_columns"][slot]
+      segment = batch["segments"][r] == batch["segments"][r, c]
+      np.testing.assert_array_equal(batch["items"][r][segment], test.items[u, :test.lengths[u]])
+    seen.extend(index.tolist())
+  assert sorted(seen) == list(range(60))
+
+
 def test_good_file_round_trips(write_dataset, tmp_path):
   sequences = [np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6]), np.array([5, 3, 5, 8])]
   write_dataset("Tiny", sequences)

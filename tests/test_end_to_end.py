@@ -103,6 +103,18 @@ def test_offline_evaluation_round_trips(reference_run):
     assert offline[split] == pytest.approx(results[split], rel=1e-6, abs=1e-9)
 
 
+def test_evaluation_compiles_one_ranking_program_for_both_splits(config, reference_run):
+  """Test histories are one item longer; their batches still take the validation shape."""
+  workdir, results = reference_run
+  exp = train_lib.Experiment.from_config(config)
+  valid, test = exp.eval_data("valid"), exp.eval_data("test")
+  assert test.lengths.sum() > valid.lengths.sum()
+  eval_fn = exp.make_eval_fn()
+  offline = eval_lib.evaluate_workdir(config, workdir, experiment=exp, eval_fn=eval_fn)
+  assert eval_fn.rank._cache_size() == 1  # pylint: disable=protected-access
+  assert offline["valid"] == results["valid"] and offline["test"] == results["test"]
+
+
 def test_a_config_saved_before_newer_fields_still_evaluates(reference_run, tmp_path):
   workdir, results = reference_run
   old = str(tmp_path / "old_run")
