@@ -58,9 +58,9 @@ def request_deterministic_ops(enabled: bool = True) -> bool:
   drift apart: on an H200, two Beauty runs stopped at epochs 85 and 86 with
   test NDCG@10 0.0448 and 0.0465. With the flag both runs gave the same numbers
   in every epoch, for a ~35% longer training epoch (0.23 vs 0.17 s; the whole
-  run 35.6 vs 30.5 s with compiled programs cached, benchmarks/README.md). CPU
-  and TPU results are reproducible without it; it changes nothing there. Call
-  it before JAX starts its backend (XLA reads $XLA_FLAGS once); the entry
+  run 35.6 vs 30.5 s with compiled programs cached, benchmarks/README.md). It
+  is a GPU option; CPU runs reproduce bit for bit without it (the tests
+  compare them). Call it before JAX starts its backend (XLA reads $XLA_FLAGS once); the entry
   points do, from `config.deterministic`. Returns whether the flag is in effect.
   """
   flags = os.environ.get("XLA_FLAGS", "")
