@@ -41,8 +41,9 @@ A fame-jax epoch is then also timed as the training loop runs it
 (`--pipelined_epochs` rounds, interleaved by epoch, best kept): calls of
 `steps_per_call` steps (1 on CPU) dispatched back to back while the next
 batches are transferred (`prefetch_to_mesh`), one sync at the end. That is
-fame-jax's `epoch_s`: blocking after every step costs it the overlap of the host with the device, which matters where steps
-are short (a GPU); on 2 CPU cores (~75 ms steps) the two agree within noise.
+fame-jax's `epoch_s`: blocking after every step costs it the overlap of the
+host with the device, which matters where steps are short (a GPU); on 2 CPU
+cores (~75 ms steps) the two agree within noise.
 PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the sum of its
 steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
 kept. Noise from other processes then hits the runs of a phase alike, and the
