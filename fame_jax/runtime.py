@@ -64,11 +64,14 @@ def request_deterministic_ops(enabled: bool = True) -> bool:
   points do, from `config.deterministic`. Returns whether the flag is in effect.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_gpu_deterministic_ops" in flags:
-    return DETERMINISTIC_FLAG in flags.split()
-  if enabled:
+  if enabled and "xla_gpu_deterministic_ops" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
-  return enabled
+  return deterministic_ops_on()
+
+
+def deterministic_ops_on() -> bool:
+  """Whether $XLA_FLAGS holds `DETERMINISTIC_FLAG`."""
+  return DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", "").split()
 
 
 def _threefry2x32_unrolled(key1, key2, x1, x2):

@@ -248,7 +248,7 @@ class Experiment:
     model_cfg = model_lib.model_config_from(config, dataset.num_items)
     validate_training_config(config)
     if (config.get("deterministic", True) and jax.default_backend() == "gpu"
-        and not runtime.request_deterministic_ops(False)):
+        and not runtime.deterministic_ops_on()):
       logging.warning("config.deterministic: the GPU backend started without %s in XLA_FLAGS "
                       "(train.py sets it); this run's numbers may differ from run to run",
                       runtime.DETERMINISTIC_FLAG)
