@@ -46,7 +46,8 @@ host with the device, which matters where steps are short (a GPU); on 2 CPU
 cores (~75 ms steps) the two agree within noise.
 PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the sum of its
 steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
-kept. Noise from other processes then hits the runs of a phase alike, and the
+kept, each run's batches built once beforehand (as the trainer builds its validation
+batches), the building timed apart (`*_eval_batches_s`). Noise from other processes then hits the runs of a phase alike, and the
 ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
 fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
 `matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
@@ -261,6 +262,8 @@ class Run:
     self.compile_s = self.warmup_s = 0.0
     self.eval_s: list[float] = []
     self.eval_first_s = None
+    self.eval_batches = None  # The evaluation pass's batches, built once (`prepare_eval`).
+    self.eval_batches_s = None  # Seconds that took.
     self.eval_result = None
     self.pipelined_s: list[float] = []  # Epochs timed back to back (fame-jax runs only).
     self.faults_per_step: list[float] = []  # Minor page faults per step of those epochs.
@@ -269,8 +272,18 @@ class Run:
   def step(self, batch: dict[str, np.ndarray]) -> tuple[float, float]:
     raise NotImplementedError
 
+  def build_eval_batches(self, data: data_lib.EvalData) -> list:
+    raise NotImplementedError
+
   def eval_pass(self, data: data_lib.EvalData) -> tuple[dict[str, float], np.ndarray]:
     raise NotImplementedError
+
+  def prepare_eval(self, data: data_lib.EvalData) -> None:
+    """Builds the evaluation batches once, as a training loop does for its validation
+    passes (fame-jax's `Experiment.eval_batches`), and times that apart."""
+    t0 = time.perf_counter()
+    self.eval_batches = self.build_eval_batches(data)
+    self.eval_batches_s = time.perf_counter() - t0
 
   def warm_up(self, batches: list[dict[str, np.ndarray]]) -> None:
     t_start = time.perf_counter()
@@ -355,10 +368,16 @@ class JaxRun(Run):
         (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / len(batches))
     return dt
 
+  def build_eval_batches(self, data):
+    exp = self.exp
+    return evaluation.host_batches(data, exp.eval_batch_size, exp.buckets, exp.mesh,
+                                   exp.config.data.packing)
+
   def eval_pass(self, data):
     exp = self.exp
     return evaluation.evaluate(self.eval_fn, self.state.params, data, exp.eval_batch_size,
-                               exp.buckets, exp.mesh, exp.config.data.packing)
+                               exp.buckets, exp.mesh, exp.config.data.packing,
+                               self.eval_batches)
 
 
 class TorchRun(Run):
@@ -368,7 +387,7 @@ class TorchRun(Run):
   # What the parent process gets back from the PyTorch phase's process (`finished`).
   RECORD = ("key", "label", "layout", "cfg", "has_eval", "framework", "step_s", "loss_sum",
             "num_targets", "compile_s", "warmup_s", "eval_s", "eval_first_s", "eval_result",
-            "eval_faults", "pipelined_s")
+            "eval_faults", "pipelined_s", "eval_batches_s")
 
   def record(self) -> dict[str, Any]:
     return {name: getattr(self, name) for name in self.RECORD}
@@ -415,11 +434,14 @@ class TorchRun(Run):
     count = float((batch["targets"] > 0).sum())
     return float(loss.detach()) * count, count  # float() waits for the device.
 
+  def build_eval_batches(self, data):
+    return list(data_lib.eval_batches(data, self.eval_batch_size, self.buckets))
+
   def eval_pass(self, data):
     torch = self.torch
     ranks = np.empty(len(data.targets), np.int64)
     with torch.inference_mode():
-      for batch, index in data_lib.eval_batches(data, self.eval_batch_size, self.buckets):
+      for batch, index in self.eval_batches:
         t = {k: torch.from_numpy(v).long().to(self.device) for k, v in batch.items()}
         ranks[index] = self.rank_fn(t["items"], t["lengths"], t["targets"],
                                     t["exclude"])[:len(index)].cpu().numpy()
@@ -593,7 +615,9 @@ def run_phase(runs: list[Run], layouts, timed, valid, args, results: dict[str, A
   results["rss_mb_after"][f"epoch_{runs[0].key}"] = rss_mb()
   eval_runs = [r for r in runs if r.has_eval]
   for run in eval_runs:
-    log(f"{run.label}: evaluation (first pass, compiles)")
+    run.prepare_eval(valid)
+    log(f"{run.label}: evaluation batches built in {run.eval_batches_s:.3f}s; first pass "
+        "(compiles)")
     run.timed_eval(valid)
   for rep in range(args.eval_repeats):
     for j in range(len(eval_runs)):
@@ -791,12 +815,16 @@ def main(argv=None) -> dict[str, Any]:
       r["eval_passes_s"] = run.eval_s
       r["eval_passes_minor_faults"] = run.eval_faults
       r["eval_compile_s"] = max(0.0, run.eval_first_s - min(run.eval_s or [run.eval_first_s]))
+      r["eval_batches_s"] = run.eval_batches_s * eval_scale
       r["valid_metrics"] = metrics
       if run.framework == "torch":
         r["eval_on_params_of"] = "fame-jax FAME after the timed epoch"
         r["eval_ranks_equal_to_fame_jax"] = float(np.mean(ranks == fame_ranks))
       results[f"{run.key}_eval_s"] = r["eval_s"]
       results[f"{run.key}_eval_compile_s"] = r["eval_compile_s"]
+      results[f"{run.key}_eval_batches_s"] = r["eval_batches_s"]
+      if r["eval_s"] is not None:
+        results[f"{run.key}_eval_with_batches_s"] = r["eval_s"] + r["eval_batches_s"]
     results["runs"][run.key] = r
   results["matmul_peak_fraction"] = results["runs"]["fame"]["matmul_peak_fraction"]
 
@@ -812,6 +840,8 @@ def main(argv=None) -> dict[str, Any]:
   ratio("packing_speedup", "fame_padded_epoch_s", "fame_epoch_s")
   ratio("eval_speedup_vs_torch", "torch_eager_eval_s", "fame_eval_s")
   ratio("eval_speedup_vs_torch_compile", "torch_compile_eval_s", "fame_eval_s")
+  ratio("eval_speedup_vs_torch_with_batches", "torch_eager_eval_with_batches_s",
+        "fame_eval_with_batches_s")
   for key in ("torch_eager_epoch_s", "torch_compile_epoch_s", "speedup_vs_torch_eager",
               "eval_speedup_vs_torch"):
     results.setdefault(key, None)
