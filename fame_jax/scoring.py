@@ -414,43 +414,57 @@ def _blocked_pass(u, log_weights, target_logits, weights, parts, dtype, with_gra
   return jnp.sum(loss), (du, d_log_weights, [d.swapaxes(1, 2) for d in carry])
 
 
-def _vector_logits(vectors: Array, table: Array | tuple[Array, ...], dtype) -> list[Array]:
-  """Each vector's `[B, C]` logits, a plain matmul of its own (no `[B, K, C]` buffer whose
-  per-vector slices would be strided). `table`: `[C, D]`, `[K, C, D]`, or K `[C, D]` tables."""
+def _vector_logits(vectors: Array, table: Array | tuple[Array, ...], dtype,
+                   items_first: bool = False) -> list[Array]:
+  """Each vector's `[B, C]` logits (`[C, B]` if `items_first`), a plain matmul of its own
+  (no `[B, K, C]` buffer whose per-vector slices would be strided). `table`: `[C, D]`,
+  `[K, C, D]`, or K `[C, D]` tables."""
   def logits(k):
-    rows = table[k] if isinstance(table, tuple) or table.ndim == 3 else table
-    return jnp.dot(vectors[:, k].astype(dtype), rows.astype(dtype).T,
-                   preferred_element_type=jnp.float32)
+    rows = (table[k] if isinstance(table, tuple) or table.ndim == 3 else table).astype(dtype)
+    users = vectors[:, k].astype(dtype)
+    if items_first:
+      return jnp.dot(rows, users.T, preferred_element_type=jnp.float32)
+    return jnp.dot(users, rows.T, preferred_element_type=jnp.float32)
   return [logits(k) for k in range(vectors.shape[1])]
 
 
-def _mixture_scores(vectors, log_weights, lse, table, dtype) -> Array:
-  """Ranking scores `[B, C]`: log p(v) for K > 1, the plain logit for K = 1.
+def _per_user(x: Array, items_first: bool) -> Array:
+  """A `[B]` per-user value shaped to broadcast against `[B, C]` (or `[C, B]`) scores."""
+  return x[None, :] if items_first else x[:, None]
+
+
+def _mixture_scores(vectors, log_weights, lse, table, dtype, items_first: bool = False) -> Array:
+  """Ranking scores `[B, C]` (`[C, B]` if `items_first`): log p(v) for K > 1, the plain
+  logit for K = 1.
 
   `lse` `[B, K]`: the normalisers over the whole catalogue; None when `table`
   is the whole catalogue (they are computed here).
   """
-  per_vector = _vector_logits(vectors, table, dtype)
+  per_vector = _vector_logits(vectors, table, dtype, items_first)
   if len(per_vector) == 1:
     return per_vector[0]
+  item_axis = 0 if items_first else 1
   if lse is None:
-    lse = jnp.stack([jax.nn.logsumexp(x, axis=-1) for x in per_vector], axis=1)
+    lse = jnp.stack([jax.nn.logsumexp(x, axis=item_axis) for x in per_vector], axis=1)
   shift = log_weights - lse  # [B, K]
-  return functools.reduce(jnp.logaddexp, [shift[:, k, None] + x for k, x in enumerate(per_vector)])
+  return functools.reduce(jnp.logaddexp, [_per_user(shift[:, k], items_first) + x
+                                          for k, x in enumerate(per_vector)])
 
 
-def _mixture_probs(vectors, log_weights, table, dtype) -> Array:
-  """p(v) `[B, V]` over the whole catalogue `table` (K > 1), one exp per logit.
+def _mixture_probs(vectors, log_weights, table, dtype, items_first: bool = False) -> Array:
+  """p(v) `[B, V]` (`[V, B]` if `items_first`) over the whole catalogue `table` (K > 1),
+  one exp per logit.
 
   p(v) = sum_k w_k exp(s_k(v) - max_k) / Z_k orders items as log p(v) does, for
   a third of the exps (log p also needs the log-add). It underflows to 0 for
   items far below every head's best; `_block_ranks` falls back to log p for a
   block whose targets come near that range.
   """
-  shifted = [jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-             for x in _vector_logits(vectors, table, dtype)]  # (0, 1]
-  coef = jnp.exp(log_weights) / jnp.stack([e.sum(axis=-1) for e in shifted], axis=1)
-  return sum(coef[:, k, None] * e for k, e in enumerate(shifted))
+  item_axis = 0 if items_first else 1
+  shifted = [jnp.exp(x - jnp.max(x, axis=item_axis, keepdims=True))
+             for x in _vector_logits(vectors, table, dtype, items_first)]  # (0, 1]
+  coef = jnp.exp(log_weights) / jnp.stack([e.sum(axis=item_axis) for e in shifted], axis=1)
+  return sum(_per_user(coef[:, k], items_first) * e for k, e in enumerate(shifted))
 
 
 def target_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Array,
@@ -515,20 +529,23 @@ def _block_ranks(vectors: Array, log_weights: Array, targets: Array, exclude: Ar
     excluded = jnp.zeros((batch, width), bool).at[rows, excluded_columns].set(True, mode="drop")
     return (item_ids[None, :] > 0) & ~excluded & (item_ids[None, :] != targets[:, None])
 
-  if chunk_size <= 0 or chunk_size >= num_items:  # [B, V] scores, computed once.
-    columns = jnp.where(exclude > 0, exclude - 1, num_items)
-    candidates = candidate_mask(jnp.arange(1, num_items + 1), columns)
+  if chunk_size <= 0 or chunk_size >= num_items:  # Scores computed once, item-major: [V, B].
+    # Item-major, each head's matmul runs ~2x faster on CPU than [B, V] (a [V, D] x [D, B]
+    # product), and the sums over items add whole rows of B users.
+    excluded = jnp.zeros((num_items, batch), bool).at[
+        jnp.where(exclude > 0, exclude - 1, num_items).T, rows.T].set(True, mode="drop")
+    candidates = ~excluded & (jnp.arange(1, num_items + 1)[:, None] != targets[None, :])
 
     def count(scores):
-      target_score = jnp.take_along_axis(scores, (targets - 1)[:, None], axis=1)
-      return jnp.sum(candidates & (scores >= target_score), axis=1, dtype=jnp.int32), target_score
+      target_score = jnp.take_along_axis(scores, (targets - 1)[None, :], axis=0)  # [1, B]
+      return jnp.sum(candidates & (scores >= target_score), axis=0, dtype=jnp.int32), target_score
 
     def log_domain():
-      return count(_mixture_scores(vectors, log_weights, None, table, dtype))[0]
+      return count(_mixture_scores(vectors, log_weights, None, table, dtype, items_first=True))[0]
 
     if vectors.shape[1] == 1:
       return log_domain()  # Plain logits.
-    ranks, target_p = count(_mixture_probs(vectors, log_weights, table, dtype))
+    ranks, target_p = count(_mixture_probs(vectors, log_weights, table, dtype, items_first=True))
     # A target with p near float32's smallest normal could tie with items that underflowed.
     return jax.lax.cond(jnp.all(target_p > 1e-30), lambda: ranks, log_domain)
 
