@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   # than 32 positions fit (scoring.auto_row_block).
   config.loss_row_block = -1
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
-  # Users ranked together (0 = the whole batch). -1 = auto: 64 on CPU (their
+  # Users ranked together (0 = the whole batch). -1 = auto: 128 on CPU (their
   # scores stay in cache), 0 on GPU/TPU (scoring.auto_user_block).
   config.eval_user_block = -1
 

@@ -323,6 +323,42 @@ def test_ranks_stay_exact_when_the_target_probability_underflows(user_block):
   np.testing.assert_array_equal(ranks, V - targets)  # Exactly the items with a larger value.
 
 
+def test_ranks_are_exact_where_the_probability_stabiliser_overflows_or_sits_below_the_best():
+  """The full-catalogue ranking stabilises p with the best of the first 128 logits
+  (`scoring._mixture_probs`); here the best items come after them, a little above
+  (user 0) or far above (user 1: the normalisers overflow, and the block is ranked
+  in the log domain)."""
+  values = np.concatenate([np.linspace(-0.5, 0.0, 128), np.linspace(0.01, 1.0, 172)])
+  table = values.astype(np.float32)[:, None]  # [V, 1]: item i + 1 -> values[i]
+  vectors = np.array([[[60.0], [50.0]], [[500.0], [450.0]]], np.float32)  # [2 users, K=2, 1]
+  log_weights = np.log(np.array([[0.3, 0.7]] * 2, np.float32))
+  targets = np.array([200, 129], np.int32)
+  exclude = np.zeros((2, 1), np.int32)
+  for user_block in (0, 1):
+    ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=0,
+                                user_block=user_block))
+    np.testing.assert_array_equal(ranks, len(values) - targets)  # The items with a larger value.
+
+
+def test_ranks_are_exact_for_a_target_just_above_the_probability_floor():
+  """Two heads ranking items in opposite orders, the target's head weighted e^-23:
+  the target's p is ~e^-67, just above the ranking's floor (1e-30), and an item
+  2 nats above it gets its p through the other head. The rank counts it."""
+  rest = np.linspace(-0.9, 0.9, 170)
+  values = np.concatenate([[1.0, -1.0], np.linspace(-0.3, 0.3, 126), rest, [0.56, -0.35]])
+  table = values.astype(np.float32)[:, None]
+  vectors = np.array([[[100.0], [-100.0]]], np.float32)
+  log_weights = np.array([[-23.0, np.log1p(-np.exp(-23.0))]], np.float32)
+  targets = np.array([len(values) - 1], np.int32)  # x = 0.56; item V has x = -0.35.
+  exclude = np.zeros((1, 1), np.int32)
+  scores = reference_scores(vectors, log_weights, table)[0]  # log p, float64
+  target = targets[0]
+  assert np.log(1e-30) < scores[target - 1] < np.log(1e-25)
+  assert scores[-1] > scores[target - 1] + 1.0  # The competitor, through head 2.
+  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size=0))
+  assert ranks[0] == ref.brute_force_rank(scores, target, exclude[0])
+
+
 def test_auto_chunk_size_streams_on_cpu_and_scores_whole_catalogue_on_accelerators():
   assert scoring.auto_chunk_size("cpu", rows=1550, num_vectors=2, num_items=12_101) == 1024
   assert scoring.auto_chunk_size("gpu", rows=1550, num_vectors=2, num_items=12_101) == 0
