@@ -47,9 +47,10 @@ cores (~75 ms steps) the two agree within noise.
 PyTorch's steps are synchronous on a CPU, so its `epoch_s` is the sum of its
 steps. Evaluation passes are interleaved likewise, `--eval_repeats` rounds, best pass
 kept, each run's batches built once beforehand (as the trainer builds its validation
-batches), the building timed apart (`*_eval_batches_s`). Noise from other processes then hits the runs of a phase alike, and the
-ratios are the result: `speedup_vs_torch_eager = torch_eager_epoch_s /
-fame_epoch_s`, `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
+batches), the building timed apart (`*_eval_batches_s`). Noise from other processes
+then hits the runs of a phase alike, and the ratios are the result:
+`speedup_vs_torch_eager = torch_eager_epoch_s / fame_epoch_s`,
+`eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
 `matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
 counting only the FLOPs the real (non-padding) tokens need (`forward_flops`),
 over the matmul peak.

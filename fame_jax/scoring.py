@@ -465,9 +465,9 @@ def _mixture_probs(vectors, log_weights, table, dtype) -> Array:
   their maximum. As c_k is at most the best logit, a term exp(s - c) underflows
   only where p_k(v) < e^-87, which, against a target with p > `_RANK_P_FLOOR`,
   is below float32's rounding: every comparison with the target comes out as in
-  exact arithmetic. Where c_k lies more than ~78 below the best logit, Z_k
-  overflows and p is NaN. `_block_ranks` ranks a block in the log domain when
-  one of its targets has a smaller p, or none.
+  exact arithmetic. Where c_k lies ~78 or more below the best logit, Z_k may
+  overflow, and p is then NaN or 0. `_block_ranks` ranks a block in the log
+  domain when one of its targets has p at or below the floor, or NaN.
   """
   logits = _vector_logits(vectors, table, dtype, items_first=True)  # K x [V, B]
   shifted = [jnp.exp(x - x[:_PROBE_ITEMS].max(axis=0)) for x in logits]
