@@ -10,8 +10,8 @@ items), for K = `--heads` user vectors of D = `--dim` (FAME: 2 heads, d' = 32):
   du       [K, R, V] x [K, V, D] -> [K, R, D]   (the user vectors' gradient)
   dtable   [K, D, R] x [K, R, V] -> [K, D, V]   (the table's gradient, transposed)
 
-and ranking (`scoring._vector_logits`) one `[B, D] x [D, V]` per head for each
-block of B users. Each is timed alone (best of --repeats, both cores), in
+and ranking (`scoring._vector_logits`, item-major since 2d5d7d6) one
+`[V, D] x [D, B]` per head for each block of B users. Each is timed alone (best of --repeats, both cores), in
 fame-jax's `jnp.einsum` spelling and `runtime.compiler_options()`, then with
 `torch.einsum` (skipped without torch), next to a square matmul of
 `--square` (the shape of bench.py's peak). GFLOP/s per shape show how far
@@ -61,7 +61,7 @@ def shapes(args: argparse.Namespace) -> dict[str, tuple[str, tuple[int, ...], tu
       "loss_logits": ("krd,kvd->krv", (k, r, d), (k, v, d), block),
       "loss_du": ("krv,kvd->krd", (k, r, v), (k, v, d), block),
       "loss_dtable": ("kdr,krv->kdv", (k, d, r), (k, r, v), block),
-      "rank_logits": ("bd,vd->bv", (b, d), (args.items, d), 2 * b * args.items * d),
+      "rank_logits": ("vd,bd->vb", (args.items, d), (b, d), 2 * b * args.items * d),
   }
 
 
