@@ -1,6 +1,6 @@
 r"""Where a fame-jax training step spends its time, next to the same pieces in PyTorch.
 
-  python benchmarks/step_breakdown.py --dataset beauty [--model sasrec] [--repeats 15]
+  python benchmarks/step_breakdown.py --dataset beauty [--model sasrec] [--repeats 15] [--out F.json]
 
 On one training batch of the dataset config's defaults (the first batch of epoch
 0, as fame-jax draws it), times (best of --repeats, the variants interleaved):
@@ -13,6 +13,11 @@ On one training batch of the dataset config's defaults (the first batch of epoch
                 as the step scores it: row blocks or item chunks)
   output_fwd    the same, forward only
   logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
+  output_matmuls  (row-blocked loss only) the output layer's three matmuls alone, per row
+                block and catalogue part as the step runs them (logits, their product
+                with the table, the table's gradient), with no exp, sum or accumulation:
+                what the output layer costs with XLA's kernels if everything but its
+                matmuls were free
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
 
 with the minor page faults per call (`--default_host_memory`: without
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import resource
@@ -61,6 +67,7 @@ def main() -> None:
                       help="Override config.loss_row_block (0 = off: item chunks).")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--out", default=None, help="JSON file for the timings.")
   parser.add_argument("--default_host_memory", action="store_true",
                       help="Leave glibc's malloc as it is (no runtime.keep_freed_host_memory).")
   args = parser.parse_args()
@@ -135,6 +142,9 @@ def main() -> None:
   fns["output_grad"] = lambda: output_grad(vectors, table)
   fns["output_fwd"] = lambda: output_fwd(vectors, table)
   fns["logits_fwd"] = lambda: logits_fwd(vectors, table)
+  if exp.loss_row_block > 0:
+    matmuls = jit(functools.partial(output_matmuls, row_block=exp.loss_row_block))
+    fns["output_matmuls"] = lambda: matmuls(vectors, table)
 
   if not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
@@ -197,6 +207,24 @@ def main() -> None:
         f"{flops['total'] / 1e9:.2f} G, {100 * flops['output_layer'] / flops['total']:.0f}% in "
         f"the output layer. Were the rest of the step free, the step would run at "
         f"{100 * flops['total'] / min(times['output_grad']) / 1e9 / peak:.1f}% of the peak.")
+  floor_s = None
+  if "output_matmuls" in times:
+    floor_s = step_s - min(times["output_grad"]) + min(times["output_matmuls"])
+    print(f"Were the output layer only its matmuls (the rest of the step as it is): a "
+          f"{1e3 * floor_s:.1f} ms step, {100 * flops['total'] / floor_s / 1e9 / peak:.1f}% "
+          f"of the peak.")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"machine": bench.machine_info(), "args": vars(args),
+                 "batch_shape": list(batch["items"].shape), "matmul_peak_gflops": peak,
+                 "counted_flops": flops, "best_ms": {n: 1e3 * min(t) for n, t in times.items()},
+                 "median_ms": {n: 1e3 * float(np.median(t)) for n, t in times.items()},
+                 "minor_faults_per_call": {n: faults[n] / len(t) for n, t in times.items()},
+                 "step_fraction_of_peak": flops["total"] / step_s / 1e9 / peak,
+                 "matmuls_only_output_layer_step_ms": floor_s and 1e3 * floor_s,
+                 "matmuls_only_output_layer_fraction_of_peak":
+                     floor_s and flops["total"] / floor_s / 1e9 / peak}, f, indent=2)
+    print(f"wrote {args.out}")
 
   hlo = p_step.lower(box["state"], sharding_lib.global_batch(batch, sharding), rng).compile().as_text()
   big = re.compile(r"^\s*(?:ROOT )?%(\S+) = (f32|bf16|pred|s32)\[([\d,]*)\][^ ]* (fusion|dot|copy|"
@@ -212,6 +240,32 @@ def main() -> None:
   print(f"\ncatalogue-sized buffers written by the train step ({len(entries)}):")
   for e in entries:
     print("  " + e)
+
+
+def output_matmuls(vectors: jax.Array, table: jax.Array, *, row_block: int) -> jax.Array:
+  """The matmuls of `scoring._row_blocked_nll` alone, on its shapes: for each block of
+  `row_block` positions and each catalogue part (`scoring.catalogue_bounds`), the
+  logits `[K, R, V_p]`, their product with the part (the user vectors' gradient) and
+  with the block's vectors (the part's gradient). The logits stand in for the exps."""
+  num, k, dim = vectors.shape
+  groups = table if table.ndim == 3 else jnp.broadcast_to(table, (k, *table.shape))
+  bounds = scoring.catalogue_bounds(groups.shape[1])
+  parts = [groups[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  blocks = -(-num // row_block)
+  u = jnp.pad(vectors, [(0, blocks * row_block - num), (0, 0), (0, 0)])
+  u = u.reshape(blocks, row_block, k, dim).transpose(0, 2, 1, 3)  # [B, K, R, D]
+
+  def block(acc, u_b):
+    du = 0.0
+    for i, p in enumerate(parts):
+      logits = jnp.einsum("krd,kvd->krv", u_b, p)
+      du = du + jnp.einsum("krv,kvd->krd", logits, p)
+      acc[i] = acc[i] + jnp.einsum("kdr,krv->kdv", u_b.swapaxes(1, 2), logits)
+    return acc, du
+
+  init = [jnp.zeros((k, dim, p.shape[1]), jnp.float32) for p in parts]
+  acc, du = jax.lax.scan(block, init, u)
+  return sum(jnp.sum(a) for a in acc) + jnp.sum(du)
 
 
 if __name__ == "__main__":

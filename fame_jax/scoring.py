@@ -262,6 +262,13 @@ def next_item_nll(vectors: Array, log_weights: Array, targets: Array, table: Arr
 _CATALOGUE_PARTS = 2
 
 
+def catalogue_bounds(num_items: int) -> list[int]:
+  """Where `_row_blocked_nll` splits the catalogue into its `_CATALOGUE_PARTS` parts
+  (multiples of 16 items)."""
+  parts = max(1, min(_CATALOGUE_PARTS, num_items // 16))
+  return [num_items * i // parts // 16 * 16 for i in range(parts)] + [num_items]
+
+
 def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: Array,
                      row_block: int, dtype, mesh: Mesh | None) -> Array:
   """`next_item_nll`, `row_block` positions at a time against the whole catalogue.
@@ -301,8 +308,7 @@ def _row_blocked_nll(vectors: Array, log_weights: Array, targets: Array, table: 
   target_rows = groups[:, jnp.maximum(targets - 1, 0)]  # [K, T, D]
   target_logits = jnp.einsum("tkd,ktd->tk", vectors.astype(dtype), target_rows.astype(dtype),
                              preferred_element_type=jnp.float32)
-  parts = max(1, min(_CATALOGUE_PARTS, num_items // 16))
-  bounds = [num_items * i // parts // 16 * 16 for i in range(parts)] + [num_items]
+  bounds = catalogue_bounds(num_items)
   f32 = lambda x: x.astype(jnp.float32)  # Gradients come back in float32 (cast back outside).
   return _blocked_nll(blocked(f32(vectors)).transpose(0, 2, 1, 3), blocked(f32(log_weights)),
                       blocked(target_logits), blocked((targets > 0).astype(jnp.float32)),
