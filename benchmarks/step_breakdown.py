@@ -15,9 +15,9 @@ On one training batch of the dataset config's defaults (the first batch of epoch
   logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
   output_matmuls  (row-blocked loss only) the output layer's three matmuls alone, per row
                 block and catalogue part as the step runs them (logits, their product
-                with the table, the table's gradient), with no exp, sum or accumulation:
-                what the output layer costs with XLA's kernels if everything but its
-                matmuls were free
+                with the table, the table's gradient summed over blocks), with no exp
+                and no normaliser: what the output layer costs with XLA's kernels if
+                everything but its matmuls were free
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
 
 with the minor page faults per call (`--default_host_memory`: without
@@ -246,7 +246,8 @@ def output_matmuls(vectors: jax.Array, table: jax.Array, *, row_block: int) -> j
   """The matmuls of `scoring._row_blocked_nll` alone, on its shapes: for each block of
   `row_block` positions and each catalogue part (`scoring.catalogue_bounds`), the
   logits `[K, R, V_p]`, their product with the part (the user vectors' gradient) and
-  with the block's vectors (the part's gradient). The logits stand in for the exps."""
+  with the block's vectors (the part's gradient, summed over blocks as the step sums
+  it). The logits stand in for the exps."""
   num, k, dim = vectors.shape
   groups = table if table.ndim == 3 else jnp.broadcast_to(table, (k, *table.shape))
   bounds = scoring.catalogue_bounds(groups.shape[1])
@@ -256,11 +257,9 @@ def output_matmuls(vectors: jax.Array, table: jax.Array, *, row_block: int) -> j
   u = u.reshape(blocks, row_block, k, dim).transpose(0, 2, 1, 3)  # [B, K, R, D]
 
   def block(acc, u_b):
-    du = 0.0
-    for i, p in enumerate(parts):
-      logits = jnp.einsum("krd,kvd->krv", u_b, p)
-      du = du + jnp.einsum("krv,kvd->krd", logits, p)
-      acc[i] = acc[i] + jnp.einsum("kdr,krv->kdv", u_b.swapaxes(1, 2), logits)
+    logits = [jnp.einsum("krd,kvd->krv", u_b, p) for p in parts]
+    du = sum(jnp.einsum("krv,kvd->krd", x, p) for x, p in zip(logits, parts))
+    acc = [a + jnp.einsum("kdr,krv->kdv", u_b.swapaxes(1, 2), x) for a, x in zip(acc, logits)]
     return acc, du
 
   init = [jnp.zeros((k, dim, p.shape[1]), jnp.float32) for p in parts]
