@@ -7,6 +7,8 @@
 #
 # The first full run starts from an empty XLA compilation cache (its wall time includes
 # compiling), the second (skipped with SKIP_WARM_RUN=1) from the cache the first left.
+# SKIP_PROFILE=1 skips the profile (step 1), SKIP_BENCH=1 the benchmark (step 3): with a
+# short lease, `SKIP_PROFILE=1 SKIP_BENCH=1` measures only the two full runs.
 # TRAIN_TIMEOUT / BENCH_TIMEOUT / PROFILE_TIMEOUT (seconds) bound each run; BENCH_ARGS adds flags to
 # bench.py (e.g. --skip_torch_compile); PYTHON names the interpreter (default python3).
 set -uo pipefail
@@ -35,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 #    and the share of the wall time with a kernel running (FAME, then SASRec). First: it is
 #    short, and it is what the next optimisation needs (device time is scarce).
 for model in fame sasrec; do
+  [ -n "${SKIP_PROFILE:-}" ] && break
   timeout "${PROFILE_TIMEOUT:-300}" "$py" "$here/profile_step.py" --dataset beauty --model "$model" \
     --steps 20 --top 30 --trace_dir "$out/trace_$model" --out "$out/profile_$model.json" 2>&1 \
     | tee "$out/profile_$model.log"
@@ -54,6 +57,7 @@ for run in cold warm; do
 done
 
 # 3. The benchmark. JAX does not pre-allocate GPU memory here, so PyTorch has room beside it.
+[ -n "${SKIP_BENCH:-}" ] && exit 0
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_TIMEOUT:-1800}" \
   "$py" "$here/bench.py" --dataset beauty --skip_torch_compile_packed ${BENCH_ARGS:-} \
   --out "$out/bench_beauty.json" 2>&1 | tee "$out/bench_beauty.log"
