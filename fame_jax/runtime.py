@@ -107,8 +107,13 @@ def unroll_threefry_on_cpu() -> None:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+# What keep_freed_host_memory sets: two arenas, no mmap, the heap trimmed only past 2 GiB,
+# and 64 MiB of top pad, which also keeps a thread arena's extra heaps once emptied.
+_MALLOC_SETTINGS = ((_M_ARENA_MAX, 2), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1),
+                    (_M_TOP_PAD, 64 * 2**20))
 # Distributions that give JAX a GPU or TPU backend.
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
@@ -133,8 +138,12 @@ def keep_freed_host_memory() -> bool:
   each page. Here mmap is off, the heap is trimmed only past 2 GiB, and threads
   share two arenas (so that the few heaps grow to the high-water mark once):
   0 faults per step, and the Beauty FAME epoch 9-13% shorter on 2 cores
-  (benchmarks/README.md, "Host memory"). Limits: a block above 64 MB taken in
-  the second arena (a per-thread heap's cap) is still mapped afresh; and the
+  (benchmarks/README.md, "Host memory"). The second arena grows by 64 MiB
+  heaps and unmaps a heap other than its first as soon as it is empty, whatever
+  the trim threshold, so a pass whose blocks spilled into a new heap faulted it
+  in again at every call (up to 197,000 faults in a Beauty evaluation pass);
+  64 MiB of top pad makes glibc keep such heaps. Limits: a block above 64 MB
+  taken in the second arena (a heap's cap) is still mapped afresh; and the
   process keeps its high-water mark of host memory until it exits. Call it
   before JAX starts its backend (threads that already hold an arena keep it;
   the entry points call it first). Runs once per process; returns whether it
@@ -152,8 +161,7 @@ def keep_freed_host_memory() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # musl has a mallopt that does nothing and returns 0; glibc returns 1 on success.
-  return all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 2), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
 
 
 def compiler_options() -> dict[str, int] | None:

@@ -66,6 +66,42 @@ print(applied, step.memory_analysis().temp_size_in_bytes, min(windows))
 """
 
 
+# In a thread served by glibc's second arena, allocates two 40 MiB blocks (more than one
+# of the arena's 64 MiB heaps holds, so the second opens a new heap), touches and frees
+# them, 5 times; with runtime's malloc settings ("keep") or the same without the top pad.
+# Prints whether they applied, whether a thread landed on the second arena, and the fewest
+# minor page faults of the last 4 rounds.
+HEAP_CHURN = """
+import ctypes, resource, sys, threading
+from fame_jax import runtime
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes, libc.sbrk.restype, libc.sbrk.argtypes = (ctypes.c_void_p,), ctypes.c_void_p, (ctypes.c_ssize_t,)
+libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+if sys.argv[1] == "keep":
+  applied = runtime.keep_freed_host_memory()
+else:
+  applied = all(libc.mallopt(p, v) == 1 for p, v in runtime._MALLOC_SETTINGS
+                if p != runtime._M_TOP_PAD)
+block, rounds = 40 * 2**20, []
+def work():
+  probe = libc.malloc(64)
+  libc.free(probe)
+  if probe < libc.sbrk(0):  # Below the program break: the main arena. Try another thread.
+    return
+  for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    a = libc.malloc(block); ctypes.memset(a, 1, block)
+    b = libc.malloc(block); ctypes.memset(b, 1, block)
+    libc.free(b); libc.free(a)
+    rounds.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+for _ in range(6):
+  if not rounds:
+    thread = threading.Thread(target=work); thread.start(); thread.join()
+print(applied, bool(rounds), min(rounds[1:]) if rounds else -1)
+"""
+
+
 @pytest.fixture(scope="module", autouse=True)
 def unrolled_threefry():
   runtime.unroll_threefry_on_cpu()
@@ -94,6 +130,23 @@ def test_random_draws_equal_those_of_jax_own_cpu_lowering(tmp_path):
 def test_random_bits_on_cpu_compile_without_a_loop():
   draw = jax.jit(lambda k: jax.random.bernoulli(k, 0.5, (31, 50, 64)))
   assert " while(" not in draw.lower(jax.random.key(0)).compile().as_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_a_thread_arena_keeps_the_heaps_it_has_emptied():
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+  results = {}
+  for mode in ("keep", "no_top_pad"):
+    out = subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], check=True, timeout=120,
+                         env=env, capture_output=True, text=True).stdout.split()
+    results[mode] = (out[-3] == "True", out[-2] == "True", int(out[-1]))
+  if not results["keep"][0]:
+    pytest.skip("the C library is not glibc")
+  assert results["keep"][1] and results["no_top_pad"][1], results
+  pages = 40 * 2**20 // 4096
+  # Without the top pad the emptied second heap is unmapped and faulted in again each round.
+  assert results["no_top_pad"][2] > pages // 2, results
+  assert results["keep"][2] < pages // 100, results
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
