@@ -42,7 +42,21 @@ Array = jax.Array
 MODEL_NAMES = ("fame", "sasrec")
 COMBINE_RULES = ("logit_sum", "mixture_of_softmax")
 HEAD_FFN_RESIDUALS = ("mixture", "none")
-ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu}
+
+
+@jax.checkpoint
+def _gelu(x: Array) -> Array:
+  """Exact (erf) GELU that keeps only its input for the backward pass.
+
+  Without the checkpoint, XLA keeps the erf and exp terms of every FFN's
+  activation from the forward pass to the backward pass; recomputing them
+  there costs no measurable time and takes ~4 MB per FFN off a training
+  step's temporaries (benchmarks/README.md, "Host memory").
+  """
+  return nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": nn.relu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TABLE_ROW_MULTIPLE = 128
 
@@ -372,7 +386,10 @@ def item_tables(params: Any, cfg: ModelConfig) -> Array:
   is padding, and rows past V pad it to a multiple of 128).
   """
   with jax.named_scope("item_tables"):
-    table = params["item_embedding"]["embedding"][1:cfg.num_items + 1]
+    table = params["item_embedding"]["embedding"]
     if not cfg.per_head_tables:
-      return table
-    return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])
+      return table[1:cfg.num_items + 1]
+    # Projected whole, then sliced: the gradient of W_f then reads the parameter
+    # itself, where a slice taken first would be a copy of E kept for the backward
+    # pass (5 MB of a Yelp step's temporaries).
+    return jnp.einsum("vd,hdk->hvk", table, params["item_projection"])[:, 1:cfg.num_items + 1]

@@ -226,6 +226,18 @@ def test_valid_positions_ignore_padding(name, combine):
   assert np.abs(out.vectors[~valid] - base.vectors[~valid]).max() > 1e-3
 
 
+def test_gelu_is_exact_and_recomputed_in_the_backward_pass():
+  gelu = model_lib.ACTIVATIONS["gelu"]
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(jax.grad(lambda x: gelu(x).sum())(x),
+                             jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x),
+                             rtol=1e-6, atol=1e-7)
+  # Its forward pass is a checkpoint: only the input is kept for the backward pass.
+  _, residuals = jax.vjp(gelu, x)
+  assert [leaf.shape for leaf in jax.tree.leaves(residuals)] == [x.shape]
+
+
 def test_sequence_longer_than_max_len_is_refused():
   model = build()
   variables = random_params(model)

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from jax.extend import random as jex_random
 
+from configs import default
 from fame_jax import runtime
+from fame_jax import sharding as sharding_lib
+from fame_jax import train_lib
 
 # Threefry-2x32 with 20 rounds: (key, counter) -> output, the known-answer vectors published
 # with Random123 (Salmon et al., SC 2011).
@@ -169,6 +172,23 @@ def test_kept_host_memory_makes_big_temporaries_stop_page_faulting():
   assert results["keep", "1"][2] < pages // 20, results
   # FAME_JAX_KEEP_FREED_MEMORY=0 leaves malloc alone.
   assert not results["keep", "0"][0] and results["keep", "0"][2] > pages // 2, results
+
+
+def test_a_yelp_sized_fame_training_step_fits_in_one_glibc_thread_heap():
+  """Yelp's default FAME step (V = 20,033, 40 packed rows of 50, row blocks of 96) keeps its
+  temporaries under the 64 MiB one heap of a glibc thread arena holds: a larger block taken
+  there is mapped afresh and page-faulted in at every step, whatever the malloc settings."""
+  config = default.get_config()
+  config.data.name = "synthetic"
+  config.data.synthetic.num_items = 20_033
+  config.loss_row_block = 96  # What -1 resolves to for Yelp's 2,000 positions a step.
+  experiment = train_lib.Experiment.from_config(config, devices=jax.devices()[:1])
+  sharding = sharding_lib.stacked_batch_sharding(experiment.mesh)
+  batch = {name: jax.ShapeDtypeStruct((1, 40, 50), jnp.int32, sharding=sharding)
+           for name in ("items", "positions", "segments", "targets")}
+  step = experiment.jit_train_steps().lower(experiment.init_state(), batch,
+                                            jax.random.key(0)).compile()
+  assert step.memory_analysis().temp_size_in_bytes < 64 * 2**20
 
 
 def test_cpu_programs_ask_for_512_bit_vectors_unless_the_environment_says_otherwise(monkeypatch):
