@@ -142,8 +142,9 @@ def keep_freed_host_memory() -> bool:
   heaps and unmaps a heap other than its first as soon as it is empty, whatever
   the trim threshold, so a pass whose blocks spilled into a new heap faulted it
   in again at every call (up to 197,000 faults in a Beauty evaluation pass);
-  64 MiB of top pad makes glibc keep such heaps. Limits: a block above 64 MB
-  taken in the second arena (a heap's cap) is still mapped afresh; and the
+  64 MiB of top pad makes glibc keep such heaps. Limits: a block above 64 MiB
+  taken in the second arena (a heap's cap) is still mapped afresh (every
+  default config's training step stays under it); and the
   process keeps its high-water mark of host memory until it exits. Call it
   before JAX starts its backend (threads that already hold an arena keep it;
   the entry points call it first). Runs once per process; returns whether it

@@ -624,10 +624,11 @@ def auto_chunk_size(backend: str, rows: int, num_vectors: int, num_items: int) -
 
 # `auto_row_block`'s limits: rows per block, and bytes of a block's float32 logits.
 # 15 MiB keeps the whole train step's temporaries under the 64 MiB that glibc
-# serves without page faults (see `runtime.keep_freed_host_memory`): Beauty 59
-# MB (155 rows), Sports 61 (100), Toys 57 (150); Yelp's are 76 MB with item
-# chunks or row blocks alike. Sports with 140-row blocks (73 MB) page-faulted
-# 17,000 times a step and ran 25% slower than with item chunks.
+# serves without page faults (see `runtime.keep_freed_host_memory`): FAME's
+# default steps take Beauty 47.6 MiB (155 rows), Sports 48.6 (100), Toys 46.0
+# (150), Yelp 60.2 (96; tests/test_runtime.py checks it stays under). Sports
+# with 140-row blocks (then 73 MB) page-faulted 17,000 times a step and ran 25%
+# slower than with item chunks.
 AUTO_ROW_BLOCK_ROWS = 160
 AUTO_ROW_BLOCK_BYTES = 15 << 20
 _MIN_ROW_BLOCK = 32
