@@ -15,6 +15,7 @@ from jax.extend import random as jex_random
 
 from configs import default
 from fame_jax import runtime
+from fame_jax import scoring
 from fame_jax import sharding as sharding_lib
 from fame_jax import train_lib
 
@@ -181,7 +182,9 @@ def test_a_yelp_sized_fame_training_step_fits_in_one_glibc_thread_heap():
   config = default.get_config()
   config.data.name = "synthetic"
   config.data.synthetic.num_items = 20_033
-  config.loss_row_block = 96  # What -1 resolves to for Yelp's 2,000 positions a step.
+  # What -1 resolves to for Yelp's 2,000 positions a step (96): set here, as the synthetic
+  # data's own batches have another number of rows.
+  config.loss_row_block = scoring.auto_row_block("cpu", 40 * 50, 2, 20_033)
   experiment = train_lib.Experiment.from_config(config, devices=jax.devices()[:1])
   sharding = sharding_lib.stacked_batch_sharding(experiment.mesh)
   batch = {name: jax.ShapeDtypeStruct((1, 40, 50), jnp.int32, sharding=sharding)
