@@ -53,7 +53,8 @@ def make_eval_fn(model: model_lib.SequenceRecommender, mesh: jax.sharding.Mesh,
                       **packing)
     vectors, log_weights = out.vectors[:, 0], out.log_weights[:, 0]
     return scoring.target_ranks(vectors, log_weights, batch["targets"], batch["exclude"],
-                                tables, chunk_size, dtype, mesh, user_block)
+                                tables, chunk_size, dtype, mesh, user_block,
+                                exclude_is_distinct=True)  # data.eval_data's rows are.
 
   options = runtime.compiler_options()
   return EvalFn(

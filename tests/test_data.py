@@ -232,7 +232,9 @@ def test_eval_data_and_batches_cover_every_user_once():
     recent = h[-10:]
     np.testing.assert_array_equal(data.items[u, :len(recent)], recent)
     assert (data.items[u, len(recent):] == 0).all()
-    assert set(data.exclude[u][data.exclude[u] > 0]) == set(h)  # The whole history, not just L.
+    listed = data.exclude[u][data.exclude[u] > 0]
+    assert set(listed) == set(h)  # The whole history, not just L.
+    assert len(listed) == len(set(listed))  # Each once: evaluation ranks rely on it.
   assert (data_lib.eval_data(split, 10, exclude_history=False).exclude == 0).all()
   seen = []
   for batch, index in data_lib.eval_batches(data, 4, (4, 10)):

@@ -64,10 +64,11 @@ def reference_scores(vectors, log_weights, table) -> np.ndarray:
   return ref.mixture_log_prob(vectors, log_weights, table)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "user_block"))
-def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size, user_block=0):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "user_block", "exclude_is_distinct"))
+def ranks_fn(vectors, log_weights, targets, exclude, table, chunk_size, user_block=0,
+             exclude_is_distinct=False):
   return scoring.target_ranks(vectors, log_weights, targets, exclude, table, chunk_size,
-                              user_block=user_block)
+                              user_block=user_block, exclude_is_distinct=exclude_is_distinct)
 
 
 @pytest.mark.parametrize("tables", ["shared", "per_vector"])
@@ -93,6 +94,23 @@ def test_target_ranks_equal_brute_force_with_ties_and_history_exclusion(k, chunk
   assert ranks[1] == ref.brute_force_rank(scores[1], 3, exclude[1], tol)
   assert scores[1, 3 - 1] == scores[1, 32 - 1]
   assert ranks[1] >= 1 or 32 in exclude[1]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exclusion_lists_vouched_distinct_rank_as_brute_force(k):
+  """What evaluation passes (`data.eval_data` lists each history item once): no sort."""
+  vectors, log_weights, targets, exclude, table = tied_problem(k)
+  distinct = np.zeros_like(exclude)
+  for u, row in enumerate(exclude):
+    ids = np.unique(row[row > 0])
+    distinct[u, :len(ids)] = ids[::-1]  # Any order, zeros anywhere after.
+  assert (distinct != exclude).any()  # The duplicates of tied_problem are gone.
+  ranks = np.asarray(ranks_fn(vectors, log_weights, targets, distinct, table, chunk_size=0,
+                              user_block=4, exclude_is_distinct=True))
+  scores = reference_scores(vectors, log_weights, table)
+  tol = 0.0 if k == 1 else 1e-5
+  np.testing.assert_array_equal(ranks, [ref.brute_force_rank(scores[u], targets[u], distinct[u], tol)
+                                        for u in range(len(targets))])
 
 
 def test_target_in_history_stays_a_candidate():
