@@ -193,6 +193,21 @@ class FeedForward(nn.Module):
     return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="norm")(h)
 
 
+def _weights_times_values(spec: str, weights: Array, values: Array) -> Array:
+  """Flax's attention product `...hqk,...khd->...qhd`, with the values moved heads-first.
+
+  The same numbers, as one plain batched matmul per head. Left to itself,
+  XLA:CPU computes this product as values times weights into a `[B, H, d', L]`
+  buffer and transposes it back: the forward pass of a Beauty evaluation took
+  ~10% longer (benchmarks/README.md, "The Xeon, eighth look"). Passed to Flax's
+  `MultiHeadDotProductAttention` as its `attn_weights_value_einsum_cls`.
+  """
+  if spec != "...hqk,...khd->...qhd":
+    raise ValueError(f"unexpected attention einsum {spec!r}")
+  out = jnp.einsum("...hqk,...hkd->...hqd", weights, jnp.swapaxes(values, -3, -2))
+  return jnp.swapaxes(out, -3, -2)
+
+
 class TransformerBlock(nn.Module):
   """Post-LN block: causal multi-head self-attention, then the FFN."""
   cfg: ModelConfig
@@ -207,7 +222,8 @@ class TransformerBlock(nn.Module):
     h = nn.MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, qkv_features=cfg.hidden_size,
         out_features=cfg.hidden_size, dropout_rate=cfg.attention_dropout, broadcast_dropout=False,
-        kernel_init=init, dtype=dtype, name="attention")(
+        kernel_init=init, dtype=dtype, qk_attn_weights_einsum_cls=lambda: jnp.einsum,
+        attn_weights_value_einsum_cls=lambda: _weights_times_values, name="attention")(
             x, context, mask=mask, deterministic=deterministic)
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(x + h)
