@@ -161,6 +161,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   bench.add_dataset_args(parser)
   parser.add_argument("--model", default=None, help="Override config.model.name.")
+  parser.add_argument("--loss_row_block", type=int, default=None,
+                      help="Override config.loss_row_block (0 = item chunks; -1 = auto).")
   parser.add_argument("--steps", type=int, default=10, help="Training steps traced.")
   parser.add_argument("--top", type=int, default=15, help="Ops listed by time.")
   parser.add_argument("--scope_depth", type=int, default=1,
@@ -173,6 +175,8 @@ def main() -> None:
   config = bench.dataset_config(args)
   if args.model:
     config.model.name = args.model
+  if args.loss_row_block is not None:
+    config.loss_row_block = args.loss_row_block
   exp = train_lib.Experiment.from_config(config)
   batches = bench.epoch_batches(exp)[:args.steps]
   sharding = sharding_lib.batch_sharding(exp.mesh)
