@@ -659,8 +659,9 @@ def auto_row_block(backend: str, rows: int, num_vectors: int, num_items: int) ->
   allow at most `AUTO_ROW_BLOCK_ROWS` rows whose `[rows, K, V]` float32 logits
   fit `AUTO_ROW_BLOCK_BYTES`, and rows spread evenly over them (the last block
   padded by less than one row per block). 0 (the chunked streaming loss of
-  `auto_chunk_size`) where fewer than 32 rows would fit, and on GPU/TPU (not
-  measured there).
+  `auto_chunk_size`) where fewer than 32 rows would fit, and on GPU/TPU: on an
+  H200 one block of all 1,550 rows of a Beauty step took 1.86 ms of kernel time
+  against 1.88 ms for the default, and two blocks 2.10 ms (benchmarks/README.md).
   """
   if backend != "cpu":
     return 0
