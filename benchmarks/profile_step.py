@@ -162,7 +162,8 @@ def main() -> None:
   bench.add_dataset_args(parser)
   parser.add_argument("--model", default=None, help="Override config.model.name.")
   parser.add_argument("--loss_row_block", type=int, default=None,
-                      help="Override config.loss_row_block (0 = off: the whole catalogue or item chunks; -1 = auto).")
+                      help="Override config.loss_row_block (0 = off: the whole catalogue or "
+                           "item chunks; -1 = auto).")
   parser.add_argument("--steps", type=int, default=10, help="Training steps traced.")
   parser.add_argument("--top", type=int, default=15, help="Ops listed by time.")
   parser.add_argument("--scope_depth", type=int, default=1,
