@@ -249,7 +249,8 @@ def test_attention_product_with_heads_first_changes_no_number(name, monkeypatch)
 
   def loss(params):
     out = model.apply({"params": params}, jnp.asarray(ITEMS), deterministic=False, rngs=rngs)
-    return jnp.sum(out.vectors * jnp.arange(out.vectors.size).reshape(out.vectors.shape) % 7)
+    weights = jnp.arange(out.vectors.size).reshape(out.vectors.shape) % 7
+    return jnp.sum(out.vectors * weights)
 
   value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
   monkeypatch.setattr(model_lib, "_weights_times_values", jnp.einsum)

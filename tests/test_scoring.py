@@ -109,8 +109,9 @@ def test_exclusion_lists_vouched_distinct_rank_as_brute_force(k):
                               user_block=4, exclude_is_distinct=True))
   scores = reference_scores(vectors, log_weights, table)
   tol = 0.0 if k == 1 else 1e-5
-  np.testing.assert_array_equal(ranks, [ref.brute_force_rank(scores[u], targets[u], distinct[u], tol)
-                                        for u in range(len(targets))])
+  expected = [ref.brute_force_rank(scores[u], targets[u], distinct[u], tol)
+              for u in range(len(targets))]
+  np.testing.assert_array_equal(ranks, expected)
 
 
 def test_target_in_history_stays_a_candidate():
