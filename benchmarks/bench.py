@@ -52,7 +52,7 @@ then hits the runs of a phase alike, and the ratios are the result:
 `speedup_vs_torch_eager = torch_eager_epoch_s / fame_epoch_s`,
 `eval_speedup_vs_torch = torch_eager_eval_s / fame_eval_s`, and
 `matmul_peak_fraction`: the FLOP rate fame-jax's FAME training step reaches,
-counting only the FLOPs the real (non-padding) tokens need (`forward_flops`),
+counting only the FLOPs the real (non-padding) tokens need (`fame_jax.flops`),
 over the matmul peak.
 
 With `--max_steps N` only the first N batches of the epoch are timed and each
@@ -92,6 +92,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from fame_jax import data as data_lib  # pylint: disable=wrong-import-position
 from fame_jax import evaluation  # pylint: disable=wrong-import-position
+from fame_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from fame_jax import runtime  # pylint: disable=wrong-import-position
 from fame_jax import scoring  # pylint: disable=wrong-import-position
 from fame_jax import sharding as sharding_lib  # pylint: disable=wrong-import-position
@@ -107,93 +108,6 @@ def rss_mb() -> float:
 
 def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------
-# FLOP counts (multiply-add = 2 FLOPs; only real tokens; embeddings free).
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenStats:
-  """What a set of batches asks of the model."""
-  steps: int
-  tokens_in: int  # Non-padding input positions.
-  tokens_target: int  # Positions with a loss (target > 0).
-  attended_pairs: int  # Sum over real tokens of the real keys it attends to (causal).
-  padded_positions: int  # B * L summed over batches (what the step actually computes).
-
-  @classmethod
-  def of(cls, batches: list[dict[str, np.ndarray]]) -> "TokenStats":
-    lengths = np.concatenate([sequence_lengths(b) for b in batches]).astype(np.int64)
-    return cls(steps=len(batches), tokens_in=int(lengths.sum()),
-               tokens_target=int(sum(int((b["targets"] > 0).sum()) for b in batches)),
-               attended_pairs=int((lengths * (lengths + 1) // 2).sum()),
-               padded_positions=int(sum(b["items"].size for b in batches)))
-
-
-def sequence_lengths(batch: dict[str, np.ndarray]) -> np.ndarray:
-  """Lengths of the sequences of a batch, padded (one per row) or packed (`segments`)."""
-  items = batch["items"]
-  segments = batch.get("segments", (items > 0).astype(np.int32))
-  width = int(segments.max()) + 1
-  keys = (np.arange(items.shape[0])[:, None] * width + segments).reshape(-1)
-  counts = np.bincount(keys, minlength=items.shape[0] * width).reshape(items.shape[0], width)
-  counts = counts[:, 1:].reshape(-1)
-  return counts[counts > 0]
-
-
-def forward_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
-  """Forward FLOPs of FAME / SASRec on the real tokens, by component.
-
-  T = real input tokens, S = attended (query, key) pairs of real tokens
-  (sum of n(n+1)/2 over sequences of n real items), Y = positions with a target,
-  d = hidden, H = heads, d' = d/H, N = experts, f = FFN inner size,
-  f' = FFN' inner size, V = catalogue size, K = user vectors per position and
-  D their size (K = 1, D = d for SASRec and FAME "logit_sum"; K = H, D = d' for
-  FAME "mixture_of_softmax", scored against per-head item tables E W_f^(h)),
-  B = training steps.
-  Per standard block:
-      Q,K,V,O projections      8 T d^2
-      scores + weighted sum    4 S d
-      FFN                      4 T d f
-  FAME layer (all H heads):
-      shared K, V              4 T d^2               (H * 2 * 2 d d')
-      N expert queries         2 T d^2 N             (H * 2 d N d')
-      expert attention         4 S d N               (H * N * (2 S d' + 2 S d'))
-      router (Eq. 16)          2 T d N^2             (H * 2 (N d') N)
-      expert mixture (Eq. 17)  2 T d N
-      FFN' (shared by heads)   4 T d f'              (H * 4 d' f')
-      gate (Eq. 10)            2 T d H
-      item projection (Eq. 9)  2 T d^2               ("logit_sum": user side, H * 2 d' d)
-                               2 B V d^2             ("mixture_of_softmax": the per-head
-                                                      item tables E W_f^(h), once a step)
-      head combination         2 T d H               ("logit_sum" only)
-  Output layer (full catalogue)  2 Y D V K = 2 Y d V  (every model and rule)
-  LayerNorm, softmax, GELU, the log-sum-exp and Adam are not counted (not FLOPs
-  of a matmul); neither are padding positions, which the step does compute.
-  """
-  d, h, n, v = cfg.hidden_size, cfg.num_heads, cfg.num_experts, cfg.num_items
-  T, S, Y = t.tokens_in, t.attended_pairs, t.tokens_target
-  fame = cfg.name == "fame"
-  num_standard = cfg.num_layers - (1 if fame else 0)
-  out = {
-      "standard_blocks": num_standard * (8 * T * d * d + 4 * S * d + 4 * T * d * cfg.ffn_size),
-      "output_layer": 2 * Y * cfg.vector_size * v * cfg.num_vectors,
-  }
-  if fame:
-    out["fame_layer"] = (4 * T * d * d + 2 * T * d * d * n + 4 * S * d * n + 2 * T * d * n * n
-                         + 2 * T * d * n + 4 * T * d * cfg.head_ffn_size + 2 * T * d * h
-                         + (2 * t.steps * v * d * d if cfg.per_head_tables
-                            else 2 * T * d * d + 2 * T * d * h))
-  return {key: float(x) for key, x in out.items()}
-
-
-def train_flops(cfg: Any, t: TokenStats) -> dict[str, float]:
-  """Forward + backward = 3 x forward (backward: gradients w.r.t. inputs and weights)."""
-  fwd = forward_flops(cfg, t)
-  out = {k: 3.0 * x for k, x in fwd.items()}
-  out["total"] = sum(out.values())
-  return out
 
 
 # ---------------------------------------------------------------------------
@@ -701,7 +615,8 @@ def main(argv=None) -> dict[str, Any]:
   exp_fame_padded = (exp_fame if not packs else train_lib.Experiment.from_config(
       with_overrides(config, **{"data.packing": False}), dataset))
   layouts = {default_layout: epoch_batches(exp_fame), "padded": epoch_batches(exp_fame_padded)}
-  stats = {k: TokenStats.of(v) for k, v in layouts.items()}
+  stats = {k: flops_lib.TokenStats.of_batches(v) for k, v in layouts.items()}
+  padded_positions = {k: sum(b["items"].size for b in v) for k, v in layouts.items()}
   timed = {k: v[:args.max_steps] if args.max_steps > 0 else v for k, v in layouts.items()}
   if packs:  # Packing moves windows around; it must not change what the epoch asks for.
     a, b = stats["packed"], stats["padded"]
@@ -728,7 +643,8 @@ def main(argv=None) -> dict[str, Any]:
       "loss_row_block": exp_fame.loss_row_block,
       "eval_user_block": exp_fame.eval_user_block, "batch_shapes": shapes, "steps_per_epoch": steps,
       "timed_steps": num_timed, "extrapolated": num_timed < steps,
-      "epoch_tokens": {k: dataclasses.asdict(v) for k, v in stats.items()},
+      "epoch_tokens": {k: {**dataclasses.asdict(v), "padded_positions": padded_positions[k]}
+                       for k, v in stats.items()},
       "eval_users": num_valid, "eval_users_timed": len(valid.targets), "machine": info,
       "rss_mb_after": {}, "runs": {}, "command": " ".join(["python"] + sys.argv), **caches,
   }
@@ -790,10 +706,10 @@ def main(argv=None) -> dict[str, Any]:
   # --- Results per run.
   fame_ranks = runs[0].eval_result[1]
   for run in runs:
-    flops = train_flops(run.cfg, stats[run.layout])
+    flops = flops_lib.train_flops(run.cfg, stats[run.layout])
     timed_s = sum(run.step_s)
     positions = sum(b["items"].size for b in timed[run.layout])
-    scale = stats[run.layout].padded_positions / positions  # 1 unless --max_steps.
+    scale = padded_positions[run.layout] / positions  # 1 unless --max_steps.
     epoch_blocked_s = timed_s * scale
     pipelined_s = run.pipelined_s
     epoch_s = min(pipelined_s) * scale if pipelined_s else epoch_blocked_s

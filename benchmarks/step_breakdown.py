@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
+from fame_jax import flops as flops_lib  # pylint: disable=wrong-import-position
 from fame_jax import model as model_lib  # pylint: disable=wrong-import-position
 from fame_jax import runtime  # pylint: disable=wrong-import-position
 from fame_jax import scoring  # pylint: disable=wrong-import-position
@@ -190,7 +191,7 @@ def main() -> None:
   step_s = min(times["step"])
   # Counted FLOPs (benchmarks/README.md "FLOPs counted") against the matmul peak, measured
   # after the timings (GB-sized matrices first would slow the steps that follow).
-  flops = bench.train_flops(cfg, bench.TokenStats.of([batch]))
+  flops = flops_lib.train_flops(cfg, flops_lib.TokenStats.of_batches([batch]))
   peak = bench.matmul_peak([2048, 3072], repeats=3)["gflops"]
   counted = {"step": flops["total"], "loss_grad": flops["total"],
              "output_grad": flops["output_layer"], "torch_eager_output_grad": flops["output_layer"],

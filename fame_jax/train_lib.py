@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from fame_jax import checkpointing
 from fame_jax import data as data_lib
 from fame_jax import evaluation
+from fame_jax import flops as flops_lib
 from fame_jax import model as model_lib
 from fame_jax import runtime
 from fame_jax import scoring
@@ -491,11 +492,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   plan = exp.batch_plan()
   valid_data = exp.eval_data("valid")
   valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.
+  # What an epoch asks of the model, whatever its packing: the epoch records' FLOP rate.
+  epoch_flops = flops_lib.train_flops(
+      exp.model.cfg, flops_lib.TokenStats.of_windows(plan.windows, plan.steps_per_epoch()))
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
+               "%.4g TFLOP/epoch (real tokens, %.0f%% in the output layer), "
                "%d device(s) (%s); loss row block %d positions (0 = off), loss chunk %d items, "
                "ranking block %d users (0 = all)",
                exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
                len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
+               epoch_flops["total"] / 1e12,
+               100 * epoch_flops["output_layer"] / epoch_flops["total"],
                jax.device_count(), jax.default_backend(), exp.loss_row_block,
                exp.loss_chunk_size, exp.eval_user_block)
 
@@ -561,6 +568,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       while not progress.finished and progress.epoch < config.num_epochs:
         epoch_start = time.perf_counter()
+        resumed_step_in_epoch = progress.step_in_epoch
         groups = plan.epoch_groups(config.seed, progress.epoch)  # Packed once per epoch.
         num_steps = len(groups)
         bar = tqdm.tqdm(total=num_steps, initial=progress.step_in_epoch,
@@ -594,9 +602,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if preempted:
           break
         fold_metrics()
+        seconds = time.perf_counter() - epoch_start
         record = {"epoch": progress.epoch + 1, "step": host_step,
                   "train_loss": progress.loss_sum / max(progress.num_targets, 1.0),
-                  "train_seconds": time.perf_counter() - epoch_start}
+                  "train_seconds": seconds}
+        if resumed_step_in_epoch == 0:  # A resumed epoch's clock missed its first steps.
+          record["train_targets_per_second"] = plan.windows.num_targets / seconds
+          record["train_gflops_per_second"] = epoch_flops["total"] / seconds / 1e9
         progress.epoch += 1
         progress.step_in_epoch, progress.loss_sum, progress.num_targets = 0, 0.0, 0.0
         best_meta = None

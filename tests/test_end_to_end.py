@@ -22,6 +22,7 @@ from fame_jax import checkpointing
 from fame_jax import data as data_lib
 from fame_jax import eval_lib
 from fame_jax import evaluation
+from fame_jax import flops as flops_lib
 from fame_jax import metric_writers
 from fame_jax import train_lib
 
@@ -32,7 +33,8 @@ METRIC_NAMES = {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
 
 def comparable(records):
   """metrics.jsonl records without wall-clock fields."""
-  return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+  clock = ("_seconds", "_per_second")
+  return [{k: v for k, v in r.items() if not k.endswith(clock)} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,19 @@ def test_metrics_file_has_one_line_per_epoch_and_the_loss_falls(config, referenc
   assert steps[0] > 0 and all(b - a == steps[0] for a, b in zip(steps, steps[1:]))
   assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.2
   assert all(f"valid/{m}" in r for r in records for m in METRIC_NAMES)
+
+
+def test_each_epoch_reports_its_throughput_over_the_real_tokens(config, reference_run):
+  workdir, _ = reference_run
+  exp = train_lib.Experiment.from_config(config)
+  plan = exp.batch_plan()
+  epoch = flops_lib.TokenStats.of_windows(plan.windows, plan.steps_per_epoch())
+  assert epoch.tokens_target == plan.windows.num_targets > 0
+  for r in metric_writers.read_metrics(workdir):
+    assert r["train_targets_per_second"] == pytest.approx(
+        epoch.tokens_target / r["train_seconds"])
+    assert r["train_gflops_per_second"] == pytest.approx(
+        flops_lib.train_flops(exp.model.cfg, epoch)["total"] / r["train_seconds"] / 1e9)
 
 
 def test_eval_files_hold_the_best_checkpoint_metrics(config, reference_run):

@@ -203,7 +203,8 @@ def checkpoint_progress(workdir: str, step: int) -> train_lib.Progress:
 
 def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """metrics.jsonl records without wall-clock fields."""
-  return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+  clock = ("_seconds", "_per_second")
+  return [{k: v for k, v in r.items() if not k.endswith(clock)} for r in records]
 
 
 def read_eval(workdir: str, split: str) -> dict[str, Any]:
