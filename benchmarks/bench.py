@@ -366,7 +366,8 @@ class TorchRun(Run):
 def jax_loss(exp: train_lib.Experiment, params, batch: dict[str, np.ndarray]) -> float:
   """Deterministic (no dropout) mean loss of `batch` under `params` in fame-jax."""
   loss_fn = jax.jit(lambda p, b: train_lib.next_item_loss(
-      exp.model, p, b, None, exp.loss_chunk_size, row_block=exp.loss_row_block))
+      exp.model, p, b, None, exp.loss_chunk_size, row_block=exp.loss_row_block,
+      fused=exp.fused_loss))
   loss_sum, count = loss_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
   return float(loss_sum) / float(count)
 
@@ -484,6 +485,8 @@ def parse_args(argv):
                            "cold compiles, so that compile times are honest).")
   parser.add_argument("--loss_row_block", type=int, default=None,
                       help="Override config.loss_row_block for fame-jax (0 = item chunks).")
+  parser.add_argument("--loss_kernel", default=None, choices=("auto", "xla"),
+                      help="Override config.loss_kernel for fame-jax (xla: no CPU kernel).")
   parser.add_argument("--matmul_sizes", default="2048,3072,4096")
   parser.add_argument("--matmul_repeats", type=int, default=5)
   return parser.parse_args(argv)
@@ -603,6 +606,8 @@ def main(argv=None) -> dict[str, Any]:
   config = dataset_config(args)
   if args.loss_row_block is not None:
     config.loss_row_block = args.loss_row_block
+  if args.loss_kernel is not None:
+    config.loss_kernel = args.loss_kernel
   info = machine_info()
   log(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_avg_start']}, jax "
       f"{info['jax']} on {info['jax_devices']}, torch {info['torch']}")
@@ -641,6 +646,7 @@ def main(argv=None) -> dict[str, Any]:
       "batch_size": config.batch_size, "eval_batch_size": exp_fame.eval_batch_size,
       "fame_jax_layout": default_layout, "loss_chunk_size": exp_fame.loss_chunk_size,
       "loss_row_block": exp_fame.loss_row_block,
+      "loss_kernel": "cpu_kernels.fused_nll" if exp_fame.fused_loss else "xla",
       "eval_user_block": exp_fame.eval_user_block, "batch_shapes": shapes, "steps_per_epoch": steps,
       "timed_steps": num_timed, "extrapolated": num_timed < steps,
       "epoch_tokens": {k: {**dataclasses.asdict(v), "padded_positions": padded_positions[k]}

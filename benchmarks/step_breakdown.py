@@ -20,7 +20,10 @@ On one training batch of the dataset config's defaults (the first batch of epoch
                 everything but its matmuls were free
   torch_*       the same output layer in PyTorch, eager and torch.compile'd
 
-with the minor page faults per call (`--default_host_memory`: without
+Each runs the loss as the step runs it: `cpu_kernels.fused_nll` where the step uses it
+(`--loss_kernel xla` for the row-blocked loss in XLA). `output_matmuls` is XLA's either way.
+
+With the minor page faults per call (`--default_host_memory`: without
 `runtime.keep_freed_host_memory`), and lists the catalogue-sized ([..., V])
 buffers of the compiled train step's optimized HLO, i.e. how many passes over
 T x V memory XLA makes.
@@ -71,6 +74,8 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="JSON file for the timings.")
   parser.add_argument("--default_host_memory", action="store_true",
                       help="Leave glibc's malloc as it is (no runtime.keep_freed_host_memory).")
+  parser.add_argument("--loss_kernel", default=None, choices=("auto", "xla"),
+                      help="Override config.loss_kernel (xla: the row-blocked loss in XLA).")
   args = parser.parse_args()
   if not args.default_host_memory:
     runtime.keep_freed_host_memory()  # As train.py: before JAX starts its CPU threads.
@@ -86,6 +91,8 @@ def main() -> None:
     config.loss_chunk_size = args.loss_chunk_size
   if args.loss_row_block is not None:
     config.loss_row_block = args.loss_row_block
+  if args.loss_kernel is not None:
+    config.loss_kernel = args.loss_kernel
   exp = train_lib.Experiment.from_config(config)
   cfg = exp.model.cfg
   batch = bench.epoch_batches(exp)[0]
@@ -101,7 +108,8 @@ def main() -> None:
   vectors = 0.3 * jax.random.normal(rng, (num_pos, k, cfg.vector_size))
   log_w = jax.nn.log_softmax(jax.random.normal(rng, (num_pos, k)), axis=-1)
   print(f"{exp.dataset.name} {cfg.name} combine={cfg.combine} K={k} "
-        f"loss_chunk_size={exp.loss_chunk_size} loss_row_block={exp.loss_row_block}: batch "
+        f"loss_chunk_size={exp.loss_chunk_size} loss_row_block={exp.loss_row_block} "
+        f"fused_loss={exp.fused_loss}: batch "
         f"{batch['items'].shape}, {int((batch['targets'] > 0).sum())} targets, V={num_items}, "
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
 
@@ -119,7 +127,7 @@ def main() -> None:
 
   def loss(p, b, r):
     s, c = train_lib.next_item_loss(exp.model, p, b, r, exp.loss_chunk_size,
-                                    row_block=exp.loss_row_block)
+                                    row_block=exp.loss_row_block, fused=exp.fused_loss)
     return s / c
 
   loss_grad = jit(jax.value_and_grad(loss))
@@ -135,7 +143,8 @@ def main() -> None:
   fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
 
   def output(v, t):
-    return scoring.next_item_nll(v, log_w, targets, t, exp.loss_chunk_size, exp.loss_row_block)
+    return scoring.next_item_nll(v, log_w, targets, t, exp.loss_chunk_size, exp.loss_row_block,
+                                 fused=exp.fused_loss)
 
   output_grad = jit(jax.grad(output, argnums=(0, 1)))
   output_fwd = jit(output)

@@ -27,7 +27,7 @@ MUTABLE_FIELDS = frozenset({
     "num_epochs", "eval_batch_size", "eval_every_epochs", "early_stop_patience",
     "checkpoint_every_steps", "checkpoint_every_secs", "log_every_steps", "data.dir",
     "eval_chunk_size", "loss_chunk_size", "loss_row_block", "eval_user_block", "steps_per_call",
-    "deterministic",
+    "deterministic", "loss_kernel",
 })
 
 

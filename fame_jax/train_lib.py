@@ -33,6 +33,7 @@ from flax.training import train_state as train_state_lib
 from jax.experimental import multihost_utils
 
 from fame_jax import checkpointing
+from fame_jax import cpu_kernels
 from fame_jax import data as data_lib
 from fame_jax import evaluation
 from fame_jax import flops as flops_lib
@@ -77,10 +78,11 @@ def init_train_state(model: model_lib.SequenceRecommender, tx: optax.GradientTra
 def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Batch,
                    rng: jax.Array | None, chunk_size: int,
                    mesh: jax.sharding.Mesh | None = None,
-                   row_block: int = 0) -> tuple[jax.Array, jax.Array]:
+                   row_block: int = 0, fused: bool = False) -> tuple[jax.Array, jax.Array]:
   """Summed -log p(target) over non-padding positions, and their number.
 
-  `chunk_size` and `row_block` choose how the catalogue is scored (`scoring.next_item_nll`).
+  `chunk_size`, `row_block` and `fused` choose how the catalogue is scored
+  (`scoring.next_item_nll`).
   """
   deterministic = rng is None
   out = model.apply({"params": params}, batch["items"], segments=batch.get("segments"),
@@ -91,24 +93,25 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
   loss_sum = scoring.next_item_nll(
       out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
       model_lib.item_tables(params, model.cfg), chunk_size, row_block,
-      model_lib.DTYPES[model.cfg.dtype], mesh)
+      model_lib.DTYPES[model.cfg.dtype], mesh, fused)
   return loss_sum, jnp.sum(targets > 0, dtype=jnp.float32)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                model: model_lib.SequenceRecommender, chunk_size: int,
                mesh: jax.sharding.Mesh | None = None,
-               row_block: int = 0) -> tuple[TrainState, dict]:
+               row_block: int = 0, fused_loss: bool = False) -> tuple[TrainState, dict]:
   """One Adam step on the mean next-item cross-entropy of the batch.
 
-  `chunk_size` and `row_block`: how the loss scores the catalogue (`next_item_loss`);
+  `chunk_size`, `row_block` and `fused_loss`: how the loss scores the catalogue
+  (`next_item_loss`);
   `mesh` tells it how the batch and the item table are split.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
     loss_sum, count = next_item_loss(model, params, batch, dropout_rng, chunk_size, mesh,
-                                     row_block)
+                                     row_block, fused_loss)
     return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count)
 
   (loss, (loss_sum, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -203,6 +206,7 @@ def validate_training_config(config: ml_collections.ConfigDict) -> None:
        "1 or -1 without data.packing (unpacked batches differ in length and cannot be stacked)"),
       ("loss_chunk_size", config.loss_chunk_size >= -1, ">= 0, or -1 (auto)"),
       ("loss_row_block", config.get("loss_row_block", -1) >= -1, ">= 0, or -1 (auto)"),
+      ("loss_kernel", config.get("loss_kernel", "auto") in ("auto", "xla"), '"auto" or "xla"'),
       ("eval_chunk_size", config.eval_chunk_size >= 0, ">= 0"),
       ("eval_user_block", config.get("eval_user_block", -1) >= -1, ">= 0, or -1 (auto)"),
       ("optim.learning_rate", config.optim.learning_rate > 0, "> 0"),
@@ -282,7 +286,7 @@ class Experiment:
 
   def _step_kwargs(self) -> dict[str, Any]:
     return {"model": self.model, "chunk_size": self.loss_chunk_size, "mesh": self.mesh,
-            "row_block": self.loss_row_block}
+            "row_block": self.loss_row_block, "fused_loss": self.fused_loss}
 
   def jit_train_step(self) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The train step, jitted: batch split over 'data', state laid out as declared, donated."""
@@ -348,6 +352,18 @@ class Experiment:
       return block
     return scoring.auto_row_block(jax.default_backend(), self._positions_per_device(),
                                   self.model.cfg.num_vectors, self.model.cfg.num_items)
+
+  @property
+  def fused_loss(self) -> bool:
+    """Whether the training loss runs as `cpu_kernels.fused_nll` (`config.loss_kernel`):
+    "auto" where the row-blocked loss runs on one CPU device and the kernel applies
+    and builds."""
+    cfg = self.model.cfg
+    return (self.config.get("loss_kernel", "auto") == "auto"
+            and jax.default_backend() == "cpu" and self.mesh.size == 1
+            and self.loss_row_block > 0 and cfg.per_head_tables
+            and cpu_kernels.applies(cfg.num_vectors, cfg.vector_size, model_lib.DTYPES[cfg.dtype])
+            and cpu_kernels.available())
 
   @property
   def eval_user_block(self) -> int:
@@ -498,13 +514,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
                "%.4g TFLOP/epoch (real tokens, %.0f%% in the output layer), "
                "%d device(s) (%s); loss row block %d positions (0 = off), loss chunk %d items, "
-               "ranking block %d users (0 = all)",
+               "loss kernel %s, ranking block %d users (0 = all)",
                exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
                len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
                epoch_flops["total"] / 1e12,
                100 * epoch_flops["output_layer"] / epoch_flops["total"],
                jax.device_count(), jax.default_backend(), exp.loss_row_block,
-               exp.loss_chunk_size, exp.eval_user_block)
+               exp.loss_chunk_size, "cpu_kernels.fused_nll" if exp.fused_loss else "xla",
+               exp.eval_user_block)
 
   checkpoints = checkpointing.RunCheckpoints(workdir)
   restored = checkpoints.restore_latest(exp.abstract_state())

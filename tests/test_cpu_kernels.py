@@ -1,0 +1,140 @@
+"""cpu_kernels.fused_nll: the training loss as one CPU kernel, against the XLA loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import random_sequences, tiny_model_config
+from fame_jax import cpu_kernels
+from fame_jax import data as data_lib
+from fame_jax import model as model_lib
+from fame_jax import scoring
+from fame_jax import sharding as sharding_lib
+from fame_jax import train_lib
+
+SGD = optax.sgd(0.5)  # One object: it is static metadata of the train state.
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason="the kernel needs an x86 CPU with AVX-512 and gcc/cc")
+
+
+def loss_inputs(num: int, k: int, num_items: int, scale: float, seed: int = 1):
+  """Positions not a multiple of the kernel's 32-row block, a catalogue not a multiple
+  of its 32-item tiles, every 7th position without a target."""
+  rng = np.random.default_rng(seed)
+  dim = cpu_kernels.VECTOR_SIZE
+  vectors = jnp.asarray(scale * rng.normal(size=(num, k, dim)) / np.sqrt(dim), jnp.float32)
+  log_weights = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(num, k)), jnp.float32))
+  targets = jnp.asarray(rng.integers(1, num_items + 1, num), jnp.int32).at[::7].set(0)
+  tables = jnp.asarray(rng.normal(size=(k, num_items, dim)), jnp.float32)
+  return vectors, log_weights, targets, tables
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("scale", [0.3, 40.0])  # Logits near 0, and hundreds apart.
+def test_the_kernel_equals_the_xla_loss_and_its_gradients(k, scale):
+  vectors, log_weights, targets, tables = loss_inputs(45, k, 203, scale)
+
+  def xla(v, w, t):
+    return scoring.next_item_nll(v, w, targets, t)  # The whole catalogue at once.
+
+  def kernel(v, w, t):
+    return cpu_kernels.fused_nll(v, w, targets, t)
+
+  want, want_grads = jax.jit(jax.value_and_grad(xla, argnums=(0, 1, 2)))(
+      vectors, log_weights, tables)
+  got, got_grads = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2)))(
+      vectors, log_weights, tables)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  # Float32 rounding of logits of size ~|logit|, amplified by the exps: up to ~2e-6 of the
+  # largest gradient with logits hundreds apart.
+  for name, g, w in zip(("vectors", "log_weights", "tables"), got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
+  assert not np.any(np.asarray(got_grads[0])[::7]), "a position without a target has no gradient"
+
+
+@needs_kernel
+def test_the_kernel_gives_the_same_numbers_every_time():
+  inputs = loss_inputs(300, 2, 1000, 3.0)
+  grad = jax.jit(jax.value_and_grad(
+      lambda v, w, t: cpu_kernels.fused_nll(v, w, inputs[2], t), argnums=(0, 1, 2)))
+  first = jax.device_get(grad(inputs[0], inputs[1], inputs[3]))
+  for _ in range(3):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(
+        grad(inputs[0], inputs[1], inputs[3])), first)
+
+
+def fame32_config(**overrides):
+  """A FAME whose heads are 32-dimensional (d = 64, H = 2): the shape the kernel takes."""
+  config = tiny_model_config(hidden_size=64, num_heads=2, num_experts=2, ffn_size=64,
+                             combine="mixture_of_softmax", dropout=0.3, attention_dropout=0.3)
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return data_lib.Dataset("random", random_sequences(np.random.default_rng(0), 40, 150, 4, 18),
+                          150)
+
+
+@needs_kernel
+def test_a_train_step_with_the_kernel_equals_the_xla_train_step(dataset, devices):
+  """Three SGD steps with dropout, one device: loss kernel "auto" (the kernel) and "xla"
+  (the row-blocked loss in XLA) from the same state."""
+  exps = {kernel: dataclasses.replace(train_lib.Experiment.from_config(
+      fame32_config(loss_kernel=kernel, loss_row_block=16), dataset, devices=devices[:1]),
+      tx=SGD) for kernel in ("auto", "xla")}
+  assert exps["auto"].fused_loss and not exps["xla"].fused_loss
+  exps["xla"] = dataclasses.replace(exps["xla"], model=exps["auto"].model)  # Same static model.
+  batches = list(exps["auto"].batch_plan().batches(seed=0, epoch=0))[:3]
+  initial = jax.device_get(exps["auto"].init_state())
+  results = {}
+  for kernel, exp in exps.items():
+    step, state = exp.jit_train_step(), jax.device_put(initial, exp.state_sharding())
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, sharding_lib.global_batch(
+          batch, sharding_lib.batch_sharding(exp.mesh)), jax.random.key(3))
+      losses.append(float(metrics["loss_sum"]))
+    results[kernel] = jax.device_get(state.params), losses
+  np.testing.assert_allclose(results["auto"][1], results["xla"][1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               results["auto"][0], results["xla"][0])
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results["auto"][0],
+                       initial.params)
+  assert max(jax.tree.leaves(moved)) > 1e-2
+
+
+def test_the_kernel_is_used_only_where_it_applies(dataset, devices):
+  def fused(config, devices_=devices[:1]):
+    return train_lib.Experiment.from_config(config, dataset, devices=devices_).fused_loss
+
+  assert fused(fame32_config()) == cpu_kernels.available()
+  assert not fused(fame32_config(loss_kernel="xla"))
+  assert not fused(fame32_config(), devices)  # Several devices: the XLA loss, sharded.
+  assert not fused(tiny_model_config())  # Heads of 8 dimensions.
+  assert not fused(tiny_model_config(hidden_size=64, name="sasrec"))  # One 64-dim vector.
+  bf16 = fame32_config()
+  bf16.model.dtype = "bfloat16"
+  assert not fused(bf16)
+  assert not cpu_kernels.applies(2, 32, jnp.bfloat16) and cpu_kernels.applies(2, 32, jnp.float32)
+  with pytest.raises(model_lib.ConfigError, match="config.loss_kernel"):
+    fused(fame32_config(loss_kernel="fast"))
+
+
+def test_a_machine_that_cannot_build_the_kernel_trains_with_xla(monkeypatch, tmp_path):
+  monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("FAME_JAX_KERNEL_DIR", str(tmp_path / "kernels"))
+  cpu_kernels._library.cache_clear()  # pylint: disable=protected-access
+  try:
+    assert not cpu_kernels.available()
+  finally:
+    cpu_kernels._library.cache_clear()  # pylint: disable=protected-access
