@@ -498,13 +498,15 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False,
-                       dataset: data_lib.Dataset | None = None) -> dict[str, Any]:
+                       dataset: data_lib.Dataset | None = None,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint if any), then evaluates the best state.
 
-  Returns `{"valid": metrics, "test": metrics, "progress": ...}`.
+  `devices`: those the run's mesh spans (default: all). Returns
+  `{"valid": metrics, "test": metrics, "progress": ...}`.
   """
   check_resumable(workdir, config, allow_config_change)
-  exp = Experiment.from_config(config, dataset)
+  exp = Experiment.from_config(config, dataset, devices)
   plan = exp.batch_plan()
   valid_data = exp.eval_data("valid")
   valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import random_sequences, tiny_model_config
+from conftest import random_sequences, small_synthetic_config, tiny_model_config
 from fame_jax import cpu_kernels
 from fame_jax import data as data_lib
+from fame_jax import metric_writers
 from fame_jax import model as model_lib
 from fame_jax import scoring
 from fame_jax import sharding as sharding_lib
@@ -57,6 +58,21 @@ def test_the_kernel_equals_the_xla_loss_and_its_gradients(k, scale):
   for name, g, w in zip(("vectors", "log_weights", "tables"), got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
   assert not np.any(np.asarray(got_grads[0])[::7]), "a position without a target has no gradient"
+
+
+@needs_kernel
+def test_rows_whose_best_item_is_far_above_the_first_items_are_scored_exactly():
+  """The stabiliser guessed from the first 32 items is too low here (the later items'
+  logits lie ~100-300 higher): those blocks are scored again against their best logit."""
+  vectors, log_weights, targets, tables = loss_inputs(70, 2, 300, 40.0, seed=2)
+  tables = tables.at[:, :32].multiply(0.01)
+  xla = jax.value_and_grad(lambda v, t: scoring.next_item_nll(v, log_weights, targets, t),
+                           argnums=(0, 1))(vectors, tables)
+  got = jax.value_and_grad(lambda v, t: cpu_kernels.fused_nll(v, log_weights, targets, t),
+                           argnums=(0, 1))(vectors, tables)
+  assert np.isfinite(float(got[0])) and float(got[0]) == pytest.approx(float(xla[0]), rel=1e-6)
+  for g, w in zip(got[1], xla[1]):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
 
 
 @needs_kernel
@@ -138,3 +154,22 @@ def test_a_machine_that_cannot_build_the_kernel_trains_with_xla(monkeypatch, tmp
     assert not cpu_kernels.available()
   finally:
     cpu_kernels._library.cache_clear()  # pylint: disable=protected-access
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_a_run_with_the_kernel_reproduces_itself(tmp_path):
+  """Two short synthetic runs, FAME with 32-dimensional heads (the kernel's shape) on one
+  device: the same numbers in every epoch."""
+  config = small_synthetic_config()
+  config.model.hidden_size, config.num_epochs = 64, 2
+  config.loss_row_block = 32
+  exp = train_lib.Experiment.from_config(config, devices=jax.devices()[:1])
+  assert exp.fused_loss
+  records = []
+  for run in ("a", "b"):
+    train_lib.train_and_evaluate(config, str(tmp_path / run), dataset=exp.dataset,
+                                 devices=jax.devices()[:1])
+    records.append([{k: v for k, v in r.items() if not k.endswith(("_seconds", "_per_second"))}
+                    for r in metric_writers.read_metrics(str(tmp_path / run))])
+  assert records[0] == records[1] and len(records[0]) == 2

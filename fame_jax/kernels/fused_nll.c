@@ -7,10 +7,12 @@
 // catalogue. A block's logits, then its exps, stay in one core's L2 (RB x V floats a
 // head) and are used there for the normaliser and both gradient matmuls: they are never
 // written to memory, where XLA:CPU writes and reads them between its matmul and exp
-// kernels. Each row's stabiliser is its exact best logit (a sweep over the block before
-// the exps), so no exp overflows whatever the logits. Thread k does head k (threads
-// meet twice a block: after the exps, and after the mixture that thread 0 computes).
-// The result does not depend on timing: every sum has a fixed order.
+// kernels. The exps are taken as the logits come out of the matmul, against a
+// stabiliser per row fixed after the first 32 items (`block_exps`); a block where it
+// proves too low is scored again against each row's best logit, so no exp overflows
+// whatever the logits. Thread k does head k (threads meet twice a block: after the
+// exps, and after the mixture that thread 0 computes). The result does not depend on
+// timing: every sum has a fixed order.
 #include <errno.h>
 #include <immintrin.h>
 #include <math.h>
@@ -73,53 +75,89 @@ typedef struct {
   float *dlogw;        // [R][K]
   float *TT;           // [K][Vp/32][D][32]: T in tiles of 32 items, dimensions major
   float *E;            // [K][RB][Vp]: a block's logits, then exps
-  float *Z, *lt, *c, *q;  // [K][RB]: normaliser, target logit - best, c = q / Z, posterior q
+  float *Z, *lt, *c, *q;  // [K][RB]: normaliser, target logit - m, c = q / Z, posterior q
+  float tmax[MAX_HEADS];   // max_v |T_k[v]|
   double loss;
   Barrier barrier;
 } Problem;
 
-// Head k's logits for rows r0.. into E, then exps with each row's best logit.
-static void block_exps(Problem *p, int k, int r0) {
+// Logits of head k's rows r0.. against items v0..v0+31 (a tile of TT): a[i][0..1] for row g+i.
+#define TILE_LOGITS(a, U, tile, g)                                                      \
+  for (int i = 0; i < 8; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();                 \
+  for (int d = 0; d < D; d++) {                                                         \
+    __m512 t0 = _mm512_load_ps(tile + d * 32), t1 = _mm512_load_ps(tile + d * 32 + 16); \
+    for (int i = 0; i < 8; i++) {                                                       \
+      __m512 b = _mm512_set1_ps(U[(g + i) * D + d]);                                    \
+      a[i][0] = _mm512_fmadd_ps(b, t0, a[i][0]);                                        \
+      a[i][1] = _mm512_fmadd_ps(b, t1, a[i][1]);                                        \
+    }                                                                                   \
+  }
+
+static float dot(const float *x, const float *y) {
+  float s = 0;
+  for (int d = 0; d < D; d++) s += x[d] * y[d];
+  return s;
+}
+
+// Head k's exps for rows r0.. into E: exp(logit - m) with a stabiliser m per row, their sums
+// into Z, each target's logit - m into lt. In one pass over the catalogue, m is the smaller
+// of a bound that no logit passes (|u| max_v |T_v|) and the best logit of the first 32 items
+// plus 40, so no exp of a row whose best logit lies within 40 of that guess (almost all)
+// can overflow. A block where some row's best logit lies more than 60 above its m is
+// scored again with m = its best logit (`exact`: logits first, then their exps).
+static void block_exps(Problem *p, int k, int r0, int exact) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
   const float *TT = p->TT + (size_t)k * D * p->Vp;
   float *E = p->E + (size_t)k * RB * p->Vp;
-  __m512 best[RB];
-  for (int i = 0; i < RB; i++) best[i] = _mm512_set1_ps(-INFINITY);
+  float m[RB];
+  __m512 best[RB], z[RB], mv[RB];
+  for (int i = 0; i < RB; i++) best[i] = _mm512_set1_ps(-INFINITY), z[i] = _mm512_setzero_ps();
   for (int v0 = 0; v0 < p->Vp; v0 += 32) {
     const float *tile = TT + (size_t)v0 * D;
     __mmask16 m0 = tail_mask(v0, p->V), m1 = tail_mask(v0 + 16, p->V);
+    int raw = exact || v0 == 0;  // Logits stored as they are, to be exponentiated after.
     for (int g = 0; g < RB; g += 8) {
       __m512 a[8][2];
-      for (int i = 0; i < 8; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
-      for (int d = 0; d < D; d++) {
-        __m512 t0 = _mm512_load_ps(tile + d * 32), t1 = _mm512_load_ps(tile + d * 32 + 16);
-        for (int i = 0; i < 8; i++) {
-          __m512 b = _mm512_set1_ps(U[(g + i) * D + d]);
-          a[i][0] = _mm512_fmadd_ps(b, t0, a[i][0]);
-          a[i][1] = _mm512_fmadd_ps(b, t1, a[i][1]);
-        }
-      }
+      TILE_LOGITS(a, U, tile, g)
       for (int i = 0; i < 8; i++) {
-        _mm512_store_ps(E + (size_t)(g + i) * p->Vp + v0, a[i][0]);
-        _mm512_store_ps(E + (size_t)(g + i) * p->Vp + v0 + 16, a[i][1]);
-        best[g + i] = _mm512_mask_max_ps(best[g + i], m0, best[g + i], a[i][0]);
-        best[g + i] = _mm512_mask_max_ps(best[g + i], m1, best[g + i], a[i][1]);
+        int r = g + i;
+        best[r] = _mm512_mask_max_ps(best[r], m0, best[r], a[i][0]);
+        best[r] = _mm512_mask_max_ps(best[r], m1, best[r], a[i][1]);
+        if (!raw) {
+          a[i][0] = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(a[i][0], mv[r])));
+          a[i][1] = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(a[i][1], mv[r])));
+          z[r] = _mm512_add_ps(z[r], _mm512_add_ps(a[i][0], a[i][1]));
+        }
+        _mm512_store_ps(E + (size_t)r * p->Vp + v0, a[i][0]);
+        _mm512_store_ps(E + (size_t)r * p->Vp + v0 + 16, a[i][1]);
       }
     }
+    if (v0 == 0 && !exact)
+      for (int i = 0; i < RB; i++) {
+        float bound = sqrtf(dot(U + i * D, U + i * D)) * p->tmax[k];
+        float guess = _mm512_reduce_max_ps(best[i]) + 40.0f;
+        m[i] = guess < bound ? guess : bound;
+        mv[i] = _mm512_set1_ps(m[i]);
+      }
   }
+  int width = exact ? p->Vp : 32;  // What is still raw logits.
   for (int i = 0; i < RB; i++) {
     float top = _mm512_reduce_max_ps(best[i]);
-    __m512 m = _mm512_set1_ps(top), z = _mm512_setzero_ps();
-    float *e = E + (size_t)i * p->Vp;
-    int t = p->tgt[r0 + i];
-    p->lt[k * RB + i] = t >= 0 ? e[t] - top : 0.0f;
-    for (int v0 = 0; v0 < p->Vp; v0 += 16) {
-      __m512 x = _mm512_maskz_mov_ps(tail_mask(v0, p->V),
-                                     exp512(_mm512_sub_ps(_mm512_load_ps(e + v0), m)));
-      _mm512_store_ps(e + v0, x);
-      z = _mm512_add_ps(z, x);
+    if (exact) m[i] = top, mv[i] = _mm512_set1_ps(top);
+    else if (top - m[i] > 60.0f) {
+      block_exps(p, k, r0, 1);
+      return;
     }
-    p->Z[k * RB + i] = _mm512_reduce_add_ps(z);
+    float *e = E + (size_t)i * p->Vp;
+    for (int v0 = 0; v0 < width; v0 += 16) {
+      __m512 x = _mm512_maskz_mov_ps(tail_mask(v0, p->V),
+                                     exp512(_mm512_sub_ps(_mm512_load_ps(e + v0), mv[i])));
+      _mm512_store_ps(e + v0, x);
+      z[i] = _mm512_add_ps(z[i], x);
+    }
+    p->Z[k * RB + i] = _mm512_reduce_add_ps(z[i]);
+    int t = p->tgt[r0 + i];
+    p->lt[k * RB + i] = t >= 0 ? dot(U + i * D, p->T + ((size_t)k * p->V + t) * D) - m[i] : 0.0f;
   }
 }
 
@@ -222,9 +260,15 @@ static void *run_head(void *arg) {
   for (int v = 0; v < p->Vp; v++)
     for (int d = 0; d < D; d++)
       TT[(size_t)(v / 32) * 32 * D + d * 32 + v % 32] = v < p->V ? T[(size_t)v * D + d] : 0.0f;
+  float tmax = 0;
+  for (int v = 0; v < p->V; v++) {
+    float n = dot(T + (size_t)v * D, T + (size_t)v * D);
+    tmax = n > tmax ? n : tmax;
+  }
+  p->tmax[k] = sqrtf(tmax);
   memset(p->dT + (size_t)k * p->V * D, 0, (size_t)p->V * D * sizeof(float));
   for (int r0 = 0; r0 < p->R; r0 += RB) {
-    block_exps(p, k, r0);
+    block_exps(p, k, r0, 0);
     barrier_wait(&p->barrier, &sense);
     if (k == 0) block_mixture(p, r0);
     barrier_wait(&p->barrier, &sense);
