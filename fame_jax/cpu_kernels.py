@@ -8,10 +8,12 @@ pass the logits through memory; the kernel keeps each block's logits in one
 core's L2 from the matmul to both gradients (Beauty's output layer: ~33 against
 ~48 ms a step on 2 cores; benchmarks/README.md).
 
-The kernel is compiled with the system's C compiler ($CC, else gcc or cc) on first
-use, for this machine's CPU, into $FAME_JAX_KERNEL_DIR (default
-~/.cache/fame_jax/kernels, one file per source and CPU), and called from the jitted
-step with `jax.pure_callback`. Where it cannot be built `available()` is False
+The kernel is compiled on first use, for this machine's CPU, with the system's C
+and C++ compilers ($CC and $CXX, else gcc and g++), with an XLA FFI handler
+(`kernels/fused_nll_ffi.cc`, against the headers of the installed jaxlib), into
+$FAME_JAX_KERNEL_DIR (default ~/.cache/fame_jax/kernels; one file per source,
+jaxlib and CPU). The jitted step calls it as an XLA custom call on its own
+buffers (`jax.ffi.ffi_call`). Where it cannot be built `available()` is False
 (with one logged warning) and training uses the XLA loss.
 """
 
@@ -28,16 +30,19 @@ import subprocess
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 Array = jax.Array
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fused_nll.c")
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+SOURCE = os.path.join(_KERNELS, "fused_nll.c")
+FFI_SOURCE = os.path.join(_KERNELS, "fused_nll_ffi.cc")
+TARGET = "fame_fused_nll"  # The XLA custom-call target.
 VECTOR_SIZE = 32  # The one user-vector size the kernel is written for (D = d / H).
 ROW_BLOCK = 32  # Positions a block; callers' positions are padded to a multiple of it.
 MAX_VECTORS = 16  # K: one thread a head.
-FLAGS = ("-O3", "-march=native", "-funroll-loops", "-shared", "-fPIC", "-pthread")
+C_FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fPIC", "-pthread")
+CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-w")
 
 
 def applies(num_vectors: int, vector_size: int, dtype) -> bool:
@@ -66,16 +71,21 @@ def _cpu_description() -> str | None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-  """The built kernel, loaded; None where there is no AVX-512, no compiler or no build."""
+  """The built kernel, loaded and registered with XLA; None where there is no AVX-512,
+  no compiler or no build (one warning)."""
   cpu = _cpu_description()
-  compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-  if cpu is None or compiler is None:
+  cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if cpu is None or cc is None or cxx is None:
     logging.warning("cpu_kernels: %s; the training loss runs in XLA",
-                    "no AVX-512 CPU" if cpu is None else "no C compiler ($CC, gcc, cc)")
+                    "no AVX-512 CPU" if cpu is None else "no C and C++ compilers ($CC, $CXX)")
     return None
-  with open(SOURCE, "rb") as f:
-    source = f.read()
-  key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+  sources = []
+  for path in (SOURCE, FFI_SOURCE):
+    with open(path, "rb") as f:
+      sources.append(f.read())
+  key = hashlib.sha256(b"\0".join([*sources, " ".join(C_FLAGS + CXX_FLAGS).encode(),
+                                   cc.encode(), cxx.encode(), jax.__version__.encode(),
                                    cpu.encode()])).hexdigest()[:16]
   directory = os.environ.get("FAME_JAX_KERNEL_DIR",
                              os.path.expanduser("~/.cache/fame_jax/kernels"))
@@ -83,25 +93,24 @@ def _library() -> ctypes.CDLL | None:
   try:
     if not os.path.exists(path):
       os.makedirs(directory, exist_ok=True)
-      partial = f"{path}.{os.getpid()}.tmp"  # Renamed when complete: never a half file.
-      done = subprocess.run([compiler, *FLAGS, SOURCE, "-o", partial, "-lm"],
-                            capture_output=True, text=True, check=False)
-      if done.returncode != 0:
-        logging.warning("cpu_kernels: %s failed to build %s (%s); the training loss runs in "
-                        "XLA", compiler, SOURCE, (done.stderr.strip().splitlines() or ["?"])[-1])
-        return None
-      os.replace(partial, path)
+      partial = f"{path}.{os.getpid()}"  # Renamed when complete: never a half-built file.
+      steps = [[cc, *C_FLAGS, "-c", SOURCE, "-o", f"{partial}.o"],
+               [cxx, *CXX_FLAGS, "-shared", f"-I{jax.ffi.include_dir()}", FFI_SOURCE,
+                f"{partial}.o", "-o", f"{partial}.so", "-pthread", "-lm"]]
+      for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+          logging.warning("cpu_kernels: building %s failed (%s); the training loss runs in "
+                          "XLA", path, (done.stderr.strip().splitlines() or ["?"])[-1])
+          return None
+      os.replace(f"{partial}.so", path)
+      os.remove(f"{partial}.o")
     library = ctypes.CDLL(path)
   except OSError as e:
     logging.warning("cpu_kernels: cannot build or load %s (%s); the training loss runs in XLA",
                     path, e)
     return None
-  floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
-  library.fame_fused_nll.restype = ctypes.c_int
-  library.fame_fused_nll.argtypes = [
-      ctypes.c_int, ctypes.c_int, ctypes.c_int, floats, floats,
-      np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS"), floats,
-      np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS"), floats, floats, floats]
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.FameFusedNll), platform="cpu")
   return library
 
 
@@ -144,26 +153,10 @@ _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def _kernel_call(u: Array, log_weights: Array, targets: Array, tables: Array):
-  """(loss, du, d_tables, d_log_weights) from the kernel, through a host callback."""
-  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.pure_callback(_run_kernel, (f32(()), f32(u.shape), f32(tables.shape),
-                                         f32(log_weights.shape)),
-                           u, log_weights, targets, tables, vmap_method="sequential")
-
-
-def _run_kernel(u, log_weights, targets, tables):
-  library = _library()
-  if library is None:  # Callers check `available()` first.
+  """(loss, du, d_tables, d_log_weights) from the kernel, an XLA custom call."""
+  if _library() is None:  # Callers check `available()` first.
     raise RuntimeError("cpu_kernels: the fused loss kernel is not available on this machine")
-  u = np.ascontiguousarray(u, np.float32)
-  log_weights = np.ascontiguousarray(log_weights, np.float32)
-  targets = np.ascontiguousarray(targets, np.int32)
-  tables = np.ascontiguousarray(tables, np.float32)
-  k, rows, _ = u.shape
-  loss = np.zeros(1, np.float64)
-  du, d_tables, d_log_weights = (np.empty_like(x) for x in (u, tables, log_weights))
-  error = library.fame_fused_nll(k, rows, tables.shape[1], u, log_weights, targets, tables,
-                                 loss, du, d_tables, d_log_weights)
-  if error:
-    raise RuntimeError(f"cpu_kernels: fame_fused_nll failed ({os.strerror(error)})")
-  return np.float32(loss[0]), du, d_tables, d_log_weights
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  call = jax.ffi.ffi_call(TARGET, (f32(()), f32(u.shape), f32(tables.shape),
+                                   f32(log_weights.shape)), vmap_method="sequential")
+  return call(u, log_weights, targets, tables)

@@ -20,8 +20,9 @@ from fame_jax import sharding as sharding_lib
 from fame_jax import train_lib
 
 SGD = optax.sgd(0.5)  # One object: it is static metadata of the train state.
-needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
-                                  reason="the kernel needs an x86 CPU with AVX-512 and gcc/cc")
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason="the kernel needs an x86 CPU with AVX-512 and C and C++ compilers")
 
 
 def loss_inputs(num: int, k: int, num_items: int, scale: float, seed: int = 1):
