@@ -174,3 +174,11 @@ def test_a_run_with_the_kernel_reproduces_itself(tmp_path):
     records.append([{k: v for k, v in r.items() if not k.endswith(("_seconds", "_per_second"))}
                     for r in metric_writers.read_metrics(str(tmp_path / run))])
   assert records[0] == records[1] and len(records[0]) == 2
+
+
+@needs_kernel
+def test_a_target_outside_the_catalogue_is_an_error_not_a_stray_read():
+  vectors, log_weights, targets, tables = loss_inputs(40, 2, 50, 1.0)
+  with pytest.raises(Exception, match="target outside the catalogue"):
+    jax.block_until_ready(cpu_kernels.fused_nll(vectors, log_weights, targets.at[3].set(51),
+                                                tables))

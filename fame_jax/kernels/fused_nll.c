@@ -277,10 +277,13 @@ static void *run_head(void *arg) {
   return NULL;
 }
 
-// Returns 0, or EINVAL (R not a multiple of 32, or more than MAX_HEADS heads), or ENOMEM.
+// Returns 0, or EINVAL (R not a multiple of 32, more than MAX_HEADS heads, or a target
+// outside -1..V-1), or ENOMEM.
 int fame_fused_nll(int K, int R, int V, const float *U, const float *logw, const int *tgt,
                    const float *T, double *loss, float *dU, float *dT, float *dlogw) {
   if (K < 1 || K > MAX_HEADS || R % RB || V < 1) return EINVAL;
+  for (int r = 0; r < R; r++)
+    if (tgt[r] < -1 || tgt[r] >= V) return EINVAL;
   Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 31) / 32 * 32, .U = U, .logw = logw,
                .tgt = tgt, .T = T, .dU = dU, .dT = dT, .dlogw = dlogw};
   size_t tt = (size_t)K * D * p.Vp, e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;

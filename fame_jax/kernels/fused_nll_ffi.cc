@@ -25,7 +25,10 @@ static ffi::Error FusedNll(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> log_we
                              log_weights.typed_data(), targets.typed_data(),
                              tables.typed_data(), &total, du->typed_data(),
                              d_tables->typed_data(), d_log_weights->typed_data());
-  if (error) return ffi::Error::Internal("fame_fused_nll failed (bad shape or out of memory)");
+  if (error) {
+    return ffi::Error::Internal(
+        "fame_fused_nll failed (a bad shape, a target outside the catalogue, or no memory)");
+  }
   loss->typed_data()[0] = static_cast<float>(total);
   return ffi::Error::Success();
 }
