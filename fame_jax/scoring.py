@@ -254,9 +254,8 @@ def next_item_nll(vectors: Array, log_weights: Array, targets: Array, table: Arr
   `next_item_log_prob`'s.
   """
   with jax.named_scope("next_item_nll"):  # Profiles attribute its ops to this name.
-    if fused:
-      tables = table if table.ndim == 3 else table[None]
-      return cpu_kernels.fused_nll(vectors, log_weights, targets, tables)
+    if fused:  # Per-head tables `[K, V, D]`.
+      return cpu_kernels.fused_nll(vectors, log_weights, targets, table)
     if row_block > 0 and (mesh is None or mesh.shape.get("model", 1) == 1):
       return _row_blocked_nll(vectors, log_weights, targets, table, row_block, dtype, mesh)
     log_prob = next_item_log_prob(vectors, log_weights, targets, table, chunk_size, dtype, mesh)

@@ -64,4 +64,3 @@ def test_writes_each_piece_and_the_matmuls_only_bound(tmp_path):
   assert result["matmuls_only_output_layer_step_ms"] == pytest.approx(step - output + matmuls)
   assert 0 < result["step_fraction_of_peak"] < 1
   assert "of the peak" in done.stdout
-
