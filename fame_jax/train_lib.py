@@ -510,15 +510,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   plan = exp.batch_plan()
   valid_data = exp.eval_data("valid")
   valid_batches = exp.eval_batches(valid_data)  # Built once, evaluated every epoch.
+  steps_per_epoch = plan.steps_per_epoch()  # Packs an epoch: once, not per use.
   # What an epoch asks of the model, whatever its packing: the epoch records' FLOP rate.
   epoch_flops = flops_lib.train_flops(
-      exp.model.cfg, flops_lib.TokenStats.of_windows(plan.windows, plan.steps_per_epoch()))
+      exp.model.cfg, flops_lib.TokenStats.of_windows(plan.windows, steps_per_epoch))
   logging.info("%s: %d users, %d items, %d training windows (%d targets), %d steps/epoch, "
                "%.4g TFLOP/epoch (real tokens, %.0f%% in the output layer), "
                "%d device(s) (%s); loss row block %d positions (0 = off), loss chunk %d items, "
                "loss kernel %s, ranking block %d users (0 = all)",
                exp.dataset.name, exp.dataset.num_users, exp.dataset.num_items,
-               len(plan.windows.lengths), plan.windows.num_targets, plan.steps_per_epoch(),
+               len(plan.windows.lengths), plan.windows.num_targets, steps_per_epoch,
                epoch_flops["total"] / 1e12,
                100 * epoch_flops["output_layer"] / epoch_flops["total"],
                jax.device_count(), jax.default_backend(), exp.loss_row_block,

@@ -108,6 +108,12 @@ def small_synthetic_config() -> ml_collections.ConfigDict:
   return config
 
 
+def comparable(records: list[dict]) -> list[dict]:
+  """metrics.jsonl records without their wall-clock fields (`*_seconds`, `*_per_second`)."""
+  clock = ("_seconds", "_per_second")
+  return [{k: v for k, v in r.items() if not k.endswith(clock)} for r in records]
+
+
 def write_dataset_file(directory: str, name: str, content) -> str:
   """Writes `<directory>/<name>.txt`.
 

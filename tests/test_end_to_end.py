@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from conftest import small_synthetic_config
+from conftest import comparable, small_synthetic_config
 from fame_jax import checkpointing
 from fame_jax import data as data_lib
 from fame_jax import eval_lib
@@ -29,12 +29,6 @@ from fame_jax import train_lib
 pytestmark = pytest.mark.slow
 
 METRIC_NAMES = {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
-
-
-def comparable(records):
-  """metrics.jsonl records without wall-clock fields."""
-  clock = ("_seconds", "_per_second")
-  return [{k: v for k, v in r.items() if not k.endswith(clock)} for r in records]
 
 
 @pytest.fixture(scope="module")

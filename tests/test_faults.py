@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import NUM_DEVICES
+from conftest import comparable
 from conftest import REPO_ROOT
 from conftest import load_config
 from fame_jax import checkpointing
@@ -199,12 +200,6 @@ def checkpoint_progress(workdir: str, step: int) -> train_lib.Progress:
   finally:
     manager.close()
   return train_lib.Progress.from_json(meta["progress"])
-
-
-def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """metrics.jsonl records without wall-clock fields."""
-  clock = ("_seconds", "_per_second")
-  return [{k: v for k, v in r.items() if not k.endswith(clock)} for r in records]
 
 
 def read_eval(workdir: str, split: str) -> dict[str, Any]:
