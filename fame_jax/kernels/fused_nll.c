@@ -4,15 +4,18 @@
 // The mixture rule with K heads of D = 32: for each position r with a target t_r,
 //   loss_r = -log sum_k exp(logw_rk) softmax(U_k[r] . T_k^T)[t_r],
 // and the gradients of U, T and logw. Blocks of RB rows are scored against the whole
-// catalogue. A block's logits, then its exps, stay in one core's L2 (RB x V floats a
-// head) and are used there for the normaliser and both gradient matmuls: they are never
-// written to memory, where XLA:CPU writes and reads them between its matmul and exp
-// kernels. The exps are taken as the logits come out of the matmul, against a
-// stabiliser per row fixed after the first 32 items (`block_exps`); a block where it
-// proves too low is scored again against each row's best logit, so no exp overflows
-// whatever the logits. Thread k does head k (threads meet twice a block: after the
-// exps, and after the mixture that thread 0 computes). The result does not depend on
-// timing: every sum has a fixed order.
+// catalogue, 8 items at a time, the block's rows in the lanes of two zmm registers.
+// As each tile of logits comes out of the matmul it is turned into exps (against a
+// stabiliser per row fixed after the first 32 items, `block_exps`), summed into the
+// normaliser, and multiplied into the user vectors' gradient while still in registers:
+// one sweep over the table makes the logits, the exps and dU. The exps are kept
+// (RB x V floats a head, in L2 when they fit) for the table's gradient, the one
+// matmul that needs the mixture's posterior first. XLA:CPU instead writes the logits
+// and the exps to memory and reads them back between four kernels. A block where the
+// stabiliser proves too low is scored again against each row's best logit, so no exp
+// overflows whatever the logits. Thread k does head k (threads meet twice a block:
+// after the exps, and after the mixture that thread 0 computes). The result does not
+// depend on timing: every sum has a fixed order.
 #include <errno.h>
 #include <immintrin.h>
 #include <math.h>
@@ -23,29 +26,25 @@
 #include <string.h>
 
 #define D 32        // the one vector size this kernel is written for (two zmm registers)
-#define RB 32       // rows a block
-#define VCHUNK 512  // items a chunk of the user vectors' gradient (its table rows stay in L1/L2)
+#define RB 32       // rows a block: the lanes of two zmm registers
 #define MAX_HEADS 16
 
-static inline __m512 exp512(__m512 x) {  // exp(x) for x <= 0: Cephes' expf polynomial.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  return _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.0f)), n);
+// 2^y for y <= 0 (a vector): 2^round(y) times a degree-6 polynomial for 2^f, f in
+// [-1/2, 1/2] (relative error 1e-7); far below 2^-126 the result is 0.
+static inline __m512 exp2_512(__m512 y) {
+  __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5345810970757157e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930903688073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489071726799e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642129898e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
-static __mmask16 tail_mask(int v0, int V) {
-  return v0 + 16 <= V ? 0xFFFF : (v0 >= V ? 0 : (__mmask16)((1u << (V - v0)) - 1));
-}
+#define LOG2E 1.44269504088896341f
 
 typedef struct {  // A barrier for the call's threads: spins briefly, then yields the core.
   atomic_int count, sense;
@@ -66,32 +65,48 @@ static void barrier_wait(Barrier *b, int *local_sense) {
 }
 
 typedef struct {
-  int K, R, V, Vp;     // heads, rows (a multiple of RB), items, items padded to 32
+  int K, R, V, Vp;     // heads, rows (a multiple of RB), items, items padded to 8
   const float *U;      // [K][R][D]
   const float *logw;   // [R][K]
   const int *tgt;      // [R]: item index, or -1 for a position without a target
   const float *T;      // [K][V][D]
   float *dU, *dT;      // like U, T
   float *dlogw;        // [R][K]
-  float *TT;           // [K][Vp/32][D][32]: T in tiles of 32 items, dimensions major
-  float *E;            // [K][RB][Vp]: a block's logits, then exps
+  float *E;            // [K][Vp][RB]: a block's logits, then exps (item-major: rows are lanes)
   float *Z, *lt, *c, *q;  // [K][RB]: normaliser, target logit - m, c = q / Z, posterior q
   float tmax[MAX_HEADS];   // max_v |T_k[v]|
   double loss;
   Barrier barrier;
 } Problem;
 
-// Logits of head k's rows r0.. against items v0..v0+31 (a tile of TT): a[i][0..1] for row g+i.
-#define TILE_LOGITS(a, U, tile, g)                                                      \
-  for (int i = 0; i < 8; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();                 \
-  for (int d = 0; d < D; d++) {                                                         \
-    __m512 t0 = _mm512_load_ps(tile + d * 32), t1 = _mm512_load_ps(tile + d * 32 + 16); \
-    for (int i = 0; i < 8; i++) {                                                       \
-      __m512 b = _mm512_set1_ps(U[(g + i) * D + d]);                                    \
-      a[i][0] = _mm512_fmadd_ps(b, t0, a[i][0]);                                        \
-      a[i][1] = _mm512_fmadd_ps(b, t1, a[i][1]);                                        \
-    }                                                                                   \
+// Logits of rows r0..r0+31 (lanes) against items v..v+7: a[j][0..1] for item v+j.
+// UT holds the rows' vectors dimension-major: UT[d][row].
+static inline void tile_logits(__m512 a[8][2], const float *UT, const float *T, size_t v) {
+  for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d++) {
+    __m512 u0 = _mm512_load_ps(UT + d * RB), u1 = _mm512_load_ps(UT + d * RB + 16);
+    for (int j = 0; j < 8; j++) {
+      __m512 b = _mm512_set1_ps(T[(v + j) * D + d]);
+      a[j][0] = _mm512_fmadd_ps(b, u0, a[j][0]);
+      a[j][1] = _mm512_fmadd_ps(b, u1, a[j][1]);
+    }
   }
+}
+
+// S[d][rows] += sum_j T[v+j][d] x[j][rows]: the user vectors' gradient, before scaling,
+// from a tile of exps still in registers.
+static inline void tile_sum(float *S, __m512 x[8][2], const float *T, size_t v) {
+  for (int d = 0; d < D; d++) {
+    __m512 s0 = _mm512_load_ps(S + d * RB), s1 = _mm512_load_ps(S + d * RB + 16);
+    for (int j = 0; j < 8; j++) {
+      __m512 b = _mm512_set1_ps(T[(v + j) * D + d]);
+      s0 = _mm512_fmadd_ps(b, x[j][0], s0);
+      s1 = _mm512_fmadd_ps(b, x[j][1], s1);
+    }
+    _mm512_store_ps(S + d * RB, s0);
+    _mm512_store_ps(S + d * RB + 16, s1);
+  }
+}
 
 static float dot(const float *x, const float *y) {
   float s = 0;
@@ -100,64 +115,98 @@ static float dot(const float *x, const float *y) {
 }
 
 // Head k's exps for rows r0.. into E: exp(logit - m) with a stabiliser m per row, their sums
-// into Z, each target's logit - m into lt. In one pass over the catalogue, m is the smaller
-// of a bound that no logit passes (|u| max_v |T_v|) and the best logit of the first 32 items
-// plus 40, so no exp of a row whose best logit lies within 40 of that guess (almost all)
-// can overflow. A block where some row's best logit lies more than 60 above its m is
-// scored again with m = its best logit (`exact`: logits first, then their exps).
-static void block_exps(Problem *p, int k, int r0, int exact) {
+// into Z, each target's logit - m into lt, and S[d][i] = sum_v E[v][i] T[v][d]. In one
+// pass over the catalogue, m is the smaller of a bound that no logit passes
+// (|u| max_v |T_v|) and the best logit of the first 32 items plus 40: the best logit
+// then lies at most 40 below m, and an exp can only overflow if it lies far above.
+// A block where some row's sum of exps passes 2^80 (some logit lies more than ~45 above
+// m) is scored again with m = each row's best logit (`exact`: logits first, then exps).
+static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
-  const float *TT = p->TT + (size_t)k * D * p->Vp;
+  const float *T = p->T + (size_t)k * p->V * D;
   float *E = p->E + (size_t)k * RB * p->Vp;
-  float m[RB];
-  __m512 best[RB], z[RB], mv[RB];
-  for (int i = 0; i < RB; i++) best[i] = _mm512_set1_ps(-INFINITY), z[i] = _mm512_setzero_ps();
-  for (int v0 = 0; v0 < p->Vp; v0 += 32) {
-    const float *tile = TT + (size_t)v0 * D;
-    __mmask16 m0 = tail_mask(v0, p->V), m1 = tail_mask(v0 + 16, p->V);
-    int raw = exact || v0 == 0;  // Logits stored as they are, to be exponentiated after.
-    for (int g = 0; g < RB; g += 8) {
-      __m512 a[8][2];
-      TILE_LOGITS(a, U, tile, g)
-      for (int i = 0; i < 8; i++) {
-        int r = g + i;
-        best[r] = _mm512_mask_max_ps(best[r], m0, best[r], a[i][0]);
-        best[r] = _mm512_mask_max_ps(best[r], m1, best[r], a[i][1]);
-        if (!raw) {
-          a[i][0] = _mm512_maskz_mov_ps(m0, exp512(_mm512_sub_ps(a[i][0], mv[r])));
-          a[i][1] = _mm512_maskz_mov_ps(m1, exp512(_mm512_sub_ps(a[i][1], mv[r])));
-          z[r] = _mm512_add_ps(z[r], _mm512_add_ps(a[i][0], a[i][1]));
+  memset(S, 0, sizeof(float) * D * RB);
+  float UT[D][RB] __attribute__((aligned(64)));
+  for (int i = 0; i < RB; i++)
+    for (int d = 0; d < D; d++) UT[d][i] = U[i * D + d];
+  int V = p->V, full = V / 8 * 8;
+  int head = exact ? p->Vp : (32 < p->Vp ? 32 : p->Vp);  // Items stored as raw logits first.
+  __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+  __m512 z[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, ml[2] = {z[0], z[0]};
+  const __m512 log2e = _mm512_set1_ps(LOG2E);
+  for (int v0 = 0; v0 < p->Vp; v0 += 8) {
+    __m512 a[8][2];
+    int n = v0 < full ? 8 : V - v0;  // Real items in this tile.
+    float tail[8 * D] __attribute__((aligned(64)));
+    const float *Tv = T + (size_t)v0 * D;
+    if (n < 8) {  // The last, partial tile: rows past the catalogue repeat its last item.
+      for (int j = 0; j < 8; j++)
+        memcpy(tail + j * D, T + (size_t)(j < n ? v0 + j : V - 1) * D, sizeof(float) * D);
+      Tv = tail;
+    }
+    tile_logits(a, &UT[0][0], Tv, 0);
+    if (v0 < head) {
+      for (int j = 0; j < n; j++)
+        for (int h = 0; h < 2; h++) best[h] = _mm512_max_ps(best[h], a[j][h]);
+    } else {
+      for (int j = 0; j < 8; j++)
+        for (int h = 0; h < 2; h++) {
+          a[j][h] = j < n ? exp2_512(_mm512_fmsub_ps(a[j][h], log2e, ml[h]))
+                          : _mm512_setzero_ps();
+          z[h] = _mm512_add_ps(z[h], a[j][h]);
         }
-        _mm512_store_ps(E + (size_t)r * p->Vp + v0, a[i][0]);
-        _mm512_store_ps(E + (size_t)r * p->Vp + v0 + 16, a[i][1]);
-      }
+      tile_sum(&S[0][0], a, Tv, 0);
     }
-    if (v0 == 0 && !exact)
+    for (int j = 0; j < 8; j++) {
+      _mm512_store_ps(E + (size_t)(v0 + j) * RB, a[j][0]);
+      _mm512_store_ps(E + (size_t)(v0 + j) * RB + 16, a[j][1]);
+    }
+    if (v0 + 8 == head) {  // The stabilisers, as m log2(e) (ml) per row.
+      float m[RB] __attribute__((aligned(64)));
+      _mm512_store_ps(m, best[0]);
+      _mm512_store_ps(m + 16, best[1]);
       for (int i = 0; i < RB; i++) {
-        float bound = sqrtf(dot(U + i * D, U + i * D)) * p->tmax[k];
-        float guess = _mm512_reduce_max_ps(best[i]) + 40.0f;
-        m[i] = guess < bound ? guess : bound;
-        mv[i] = _mm512_set1_ps(m[i]);
+        if (!exact) {
+          float bound = sqrtf(dot(U + i * D, U + i * D)) * p->tmax[k];
+          m[i] = m[i] + 40.0f < bound ? m[i] + 40.0f : bound;
+        }
+        m[i] *= LOG2E;
       }
+      ml[0] = _mm512_load_ps(m), ml[1] = _mm512_load_ps(m + 16);
+      for (int w0 = 0; w0 < head; w0 += 8) {  // The raw logits so far, to exps.
+        __m512 x[8][2];
+        float tl[8 * D] __attribute__((aligned(64)));
+        for (int j = 0; j < 8; j++) {
+          int v = w0 + j;
+          memcpy(tl + j * D, T + (size_t)(v < V ? v : V - 1) * D, sizeof(float) * D);
+          for (int h = 0; h < 2; h++) {
+            float *e = E + (size_t)v * RB + 16 * h;
+            x[j][h] = v < V ? exp2_512(_mm512_fmsub_ps(_mm512_load_ps(e), log2e, ml[h]))
+                            : _mm512_setzero_ps();
+            _mm512_store_ps(e, x[j][h]);
+            z[h] = _mm512_add_ps(z[h], x[j][h]);
+          }
+        }
+        tile_sum(&S[0][0], x, tl, 0);
+      }
+    }
   }
-  int width = exact ? p->Vp : 32;  // What is still raw logits.
+  float zs[RB] __attribute__((aligned(64))), ms[RB] __attribute__((aligned(64)));
+  for (int h = 0; h < 2; h++) {
+    _mm512_store_ps(zs + 16 * h, z[h]);
+    _mm512_store_ps(ms + 16 * h, ml[h]);
+  }
+  if (!exact)
+    for (int i = 0; i < RB; i++)
+      if (!(zs[i] < 0x1p80f)) {  // Too large, infinite or NaN: score the block again.
+        block_exps(p, k, r0, S, 1);
+        return;
+      }
   for (int i = 0; i < RB; i++) {
-    float top = _mm512_reduce_max_ps(best[i]);
-    if (exact) m[i] = top, mv[i] = _mm512_set1_ps(top);
-    else if (top - m[i] > 60.0f) {
-      block_exps(p, k, r0, 1);
-      return;
-    }
-    float *e = E + (size_t)i * p->Vp;
-    for (int v0 = 0; v0 < width; v0 += 16) {
-      __m512 x = _mm512_maskz_mov_ps(tail_mask(v0, p->V),
-                                     exp512(_mm512_sub_ps(_mm512_load_ps(e + v0), mv[i])));
-      _mm512_store_ps(e + v0, x);
-      z[i] = _mm512_add_ps(z[i], x);
-    }
-    p->Z[k * RB + i] = _mm512_reduce_add_ps(z[i]);
+    p->Z[k * RB + i] = zs[i];
     int t = p->tgt[r0 + i];
-    p->lt[k * RB + i] = t >= 0 ? dot(U + i * D, p->T + ((size_t)k * p->V + t) * D) - m[i] : 0.0f;
+    double m = (double)ms[i] * 0.6931471805599453;  // The stabiliser the exps used.
+    p->lt[k * RB + i] = t >= 0 ? (float)((double)dot(U + i * D, T + (size_t)t * D) - m) : 0.0f;
   }
 }
 
@@ -181,53 +230,36 @@ static void block_mixture(Problem *p, int r0) {
   }
 }
 
-// dU[r] = c_r sum_v E[r,v] T[v] - q_r T[t_r];  dT[v] += sum_r E[r,v] c_r U[r] - [v = t_r] q_r U[r].
-static void block_grads(Problem *p, int k, int r0) {
+// dU[r] = c_r S[.][r] - q_r T[t_r];  dT[v] += sum_r E[v,r] c_r U[r] - [v = t_r] q_r U[r].
+static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
   const float *T = p->T + (size_t)k * p->V * D;
   const float *E = p->E + (size_t)k * RB * p->Vp;
   const float *c = p->c + k * RB, *q = p->q + k * RB;
   float *dU = p->dU + ((size_t)k * p->R + r0) * D;
   float *dT = p->dT + (size_t)k * p->V * D;
-  __m512 acc[RB][2];
-  for (int i = 0; i < RB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int vc = 0; vc < p->V; vc += VCHUNK) {
-    int ve = vc + VCHUNK < p->V ? vc + VCHUNK : p->V;
-    for (int g = 0; g < RB; g += 8) {
-      __m512 a[8][2];
-      for (int i = 0; i < 8; i++) a[i][0] = acc[g + i][0], a[i][1] = acc[g + i][1];
-      for (int v = vc; v < ve; v++) {
-        __m512 t0 = _mm512_loadu_ps(T + (size_t)v * D);
-        __m512 t1 = _mm512_loadu_ps(T + (size_t)v * D + 16);
-        for (int i = 0; i < 8; i++) {
-          __m512 b = _mm512_set1_ps(E[(size_t)(g + i) * p->Vp + v]);
-          a[i][0] = _mm512_fmadd_ps(b, t0, a[i][0]);
-          a[i][1] = _mm512_fmadd_ps(b, t1, a[i][1]);
-        }
-      }
-      for (int i = 0; i < 8; i++) acc[g + i][0] = a[i][0], acc[g + i][1] = a[i][1];
-    }
-  }
-  float cu[RB][D] __attribute__((aligned(64)));
+  float s[RB][D] __attribute__((aligned(64))), cu[RB][D] __attribute__((aligned(64)));
+  for (int i = 0; i < RB; i++)
+    for (int d = 0; d < D; d++) s[i][d] = S[d][i];
   for (int i = 0; i < RB; i++) {
     int t = p->tgt[r0 + i];
     __m512 ci = _mm512_set1_ps(c[i]), qi = _mm512_set1_ps(q[i]);
     for (int h = 0; h < 2; h++) {
       __m512 tv = t >= 0 ? _mm512_loadu_ps(T + (size_t)t * D + 16 * h) : _mm512_setzero_ps();
       _mm512_storeu_ps(dU + i * D + 16 * h,
-                       _mm512_fnmadd_ps(qi, tv, _mm512_mul_ps(ci, acc[i][h])));
+                       _mm512_fnmadd_ps(qi, tv, _mm512_mul_ps(ci, _mm512_load_ps(&s[i][16 * h]))));
       _mm512_store_ps(&cu[i][16 * h], _mm512_mul_ps(ci, _mm512_loadu_ps(U + i * D + 16 * h)));
     }
   }
   for (int v0 = 0; v0 < p->V; v0 += 8) {
     int n = p->V - v0 < 8 ? p->V - v0 : 8;
+    const float *e = E + (size_t)v0 * RB;
     __m512 a[8][2];
     for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
     for (int i = 0; i < RB; i++) {
       __m512 u0 = _mm512_load_ps(&cu[i][0]), u1 = _mm512_load_ps(&cu[i][16]);
-      const float *e = E + (size_t)i * p->Vp + v0;
       for (int j = 0; j < 8; j++) {
-        __m512 b = _mm512_set1_ps(e[j]);
+        __m512 b = _mm512_set1_ps(e[j * RB + i]);
         a[j][0] = _mm512_fmadd_ps(b, u0, a[j][0]);
         a[j][1] = _mm512_fmadd_ps(b, u1, a[j][1]);
       }
@@ -256,10 +288,6 @@ static void *run_head(void *arg) {
   while (atomic_load(w->go) == 0) sched_yield();
   if (atomic_load(w->go) < 0) return NULL;
   const float *T = p->T + (size_t)k * p->V * D;
-  float *TT = p->TT + (size_t)k * D * p->Vp;
-  for (int v = 0; v < p->Vp; v++)
-    for (int d = 0; d < D; d++)
-      TT[(size_t)(v / 32) * 32 * D + d * 32 + v % 32] = v < p->V ? T[(size_t)v * D + d] : 0.0f;
   float tmax = 0;
   for (int v = 0; v < p->V; v++) {
     float n = dot(T + (size_t)v * D, T + (size_t)v * D);
@@ -267,12 +295,13 @@ static void *run_head(void *arg) {
   }
   p->tmax[k] = sqrtf(tmax);
   memset(p->dT + (size_t)k * p->V * D, 0, (size_t)p->V * D * sizeof(float));
+  float S[D][RB] __attribute__((aligned(64)));
   for (int r0 = 0; r0 < p->R; r0 += RB) {
-    block_exps(p, k, r0, 0);
+    block_exps(p, k, r0, S, 0);
     barrier_wait(&p->barrier, &sense);
     if (k == 0) block_mixture(p, r0);
     barrier_wait(&p->barrier, &sense);
-    block_grads(p, k, r0);
+    block_grads(p, k, r0, S);
   }
   return NULL;
 }
@@ -284,12 +313,12 @@ int fame_fused_nll(int K, int R, int V, const float *U, const float *logw, const
   if (K < 1 || K > MAX_HEADS || R % RB || V < 1) return EINVAL;
   for (int r = 0; r < R; r++)
     if (tgt[r] < -1 || tgt[r] >= V) return EINVAL;
-  Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 31) / 32 * 32, .U = U, .logw = logw,
+  Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 7) / 8 * 8, .U = U, .logw = logw,
                .tgt = tgt, .T = T, .dU = dU, .dT = dT, .dlogw = dlogw};
-  size_t tt = (size_t)K * D * p.Vp, e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;
-  float *work = aligned_alloc(64, (tt + e + 4 * small) * sizeof(float));
+  size_t e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;
+  float *work = aligned_alloc(64, (e + 4 * small) * sizeof(float));
   if (!work) return ENOMEM;
-  p.TT = work, p.E = work + tt, p.Z = p.E + e, p.lt = p.Z + small, p.c = p.lt + small;
+  p.E = work, p.Z = work + e, p.lt = p.Z + small, p.c = p.lt + small;
   p.q = p.c + small;
   atomic_init(&p.barrier.count, 0);
   atomic_init(&p.barrier.sense, 0);
