@@ -8,9 +8,10 @@ On one training batch of the dataset config's defaults (the first batch of epoch
   step          Experiment.jit_train_step(): loss, gradients, Adam
   loss_grad     value_and_grad of train_lib.next_item_loss (dropout on)
   body_grad     the network without the output layer: grad of sum(vectors**2)
-  output_grad   the output layer alone: grad of scoring.next_item_nll w.r.t. the
-                user vectors and the item table (full-catalogue cross-entropy, scored
-                as the step scores it: row blocks or item chunks)
+  output_grad   the output layer alone: grad of train_lib.output_nll w.r.t. the
+                user vectors, the item table and W_f (the per-head item tables of
+                Eq. 9 and the full-catalogue cross-entropy, scored as the step scores
+                it: the CPU kernel, row blocks or item chunks)
   output_fwd    the same, forward only
   logits_fwd    the logits matmul alone, [T, K, D] x [V, D] (or [K, V, D]), materialised
   output_matmuls  (row-blocked loss only) the output layer's three matmuls alone, per row
@@ -142,15 +143,17 @@ def main() -> None:
   body_grad = jit(jax.grad(body))
   fns["body_grad"] = lambda: body_grad(params, jbatch, rng)
 
-  def output(v, t):
-    return scoring.next_item_nll(v, log_w, targets, t, exp.loss_chunk_size, exp.loss_row_block,
-                                 fused=exp.fused_loss)
+  def output(v, p):
+    return train_lib.output_nll(cfg, p, v, log_w, targets, exp.loss_chunk_size,
+                                row_block=exp.loss_row_block, fused=exp.fused_loss)
 
+  # What the output layer reads: the item table, and W_f where heads score against E W_f.
+  table_params = {n: params[n] for n in ("item_embedding", "item_projection") if n in params}
   output_grad = jit(jax.grad(output, argnums=(0, 1)))
   output_fwd = jit(output)
   logits_fwd = jit(lambda v, t: scoring._logits(v, t, jnp.float32))  # pylint: disable=protected-access
-  fns["output_grad"] = lambda: output_grad(vectors, table)
-  fns["output_fwd"] = lambda: output_fwd(vectors, table)
+  fns["output_grad"] = lambda: output_grad(vectors, table_params)
+  fns["output_fwd"] = lambda: output_fwd(vectors, table_params)
   fns["logits_fwd"] = lambda: logits_fwd(vectors, table)
   if exp.loss_row_block > 0:
     matmuls = jit(functools.partial(output_matmuls, row_block=exp.loss_row_block))
@@ -161,11 +164,15 @@ def main() -> None:
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
     tv = torch.from_numpy(np.array(vectors)).requires_grad_()
-    tt = torch.from_numpy(np.array(table)).requires_grad_()
+    te = torch.from_numpy(np.array(params["item_embedding"]["embedding"])).requires_grad_()
+    tw = torch.from_numpy(np.array(params.get("item_projection", np.zeros(0)))).requires_grad_()
     tlw = torch.from_numpy(np.array(log_w))
     labels = torch.from_numpy(np.asarray(targets)).long() - 1
 
-    def torch_output(v, t):
+    def torch_output(v, e, w):
+      t = e[1:num_items + 1]
+      if cfg.per_head_tables:  # E W_f^(h) (Eq. 9), [H, V, d'].
+        t = torch.einsum("vd,hdk->hvk", t, w)
       logits = v @ t.T if t.dim() == 2 else torch.einsum("tkd,kvd->tkv", v, t)  # [T, K, V]
       if k == 1:
         return F.cross_entropy(logits[:, 0], labels, ignore_index=-1, reduction="sum")
@@ -177,8 +184,8 @@ def main() -> None:
 
     def run_torch(fn):
       def go():
-        tv.grad = tt.grad = None
-        fn(tv, tt).backward()
+        tv.grad = te.grad = tw.grad = None
+        fn(tv, te, tw).backward()
       return go
 
     fns["torch_eager_output_grad"] = run_torch(torch_output)
@@ -202,9 +209,12 @@ def main() -> None:
   # after the timings (GB-sized matrices first would slow the steps that follow).
   flops = flops_lib.train_flops(cfg, flops_lib.TokenStats.of_batches([batch]))
   peak = bench.matmul_peak([2048, 3072], repeats=3)["gflops"]
-  counted = {"step": flops["total"], "loss_grad": flops["total"],
-             "output_grad": flops["output_layer"], "torch_eager_output_grad": flops["output_layer"],
-             "torch_compile_output_grad": flops["output_layer"]}
+  # The output layer's pieces also make the per-head item tables (a d x d projection of
+  # the catalogue, counted in the FAME layer's FLOPs) and their gradients.
+  output_flops = flops["output_layer"] + (6.0 * num_items * cfg.hidden_size ** 2
+                                          if cfg.per_head_tables else 0.0)
+  counted = {"step": flops["total"], "loss_grad": flops["total"], "output_grad": output_flops,
+             "torch_eager_output_grad": output_flops, "torch_compile_output_grad": output_flops}
   print(f"host memory: {'glibc default' if args.default_host_memory else 'kept'}")
   print(f"{'piece':26} {'best ms':>8} {'median ms':>9} {'of step':>7} {'faults':>7} "
         f"{'GFLOP/s':>8} {'of peak':>7}")

@@ -1,12 +1,13 @@
 """FAME's training output layer as one hand-written CPU kernel (`kernels/fused_nll.c`).
 
-`fused_nll` computes what `scoring._row_blocked_nll` computes (the summed
-next-item cross-entropy of the mixture rule and, in the same pass, its
-gradients), for user vectors of 32 dimensions on an x86 CPU with AVX-512. XLA:CPU
-runs that loss as a matmul kernel, an exp kernel and two more matmul kernels that
-pass the logits through memory; the kernel keeps each block's logits in one
-core's L2 from the matmul to both gradients (Beauty's output layer: ~33 against
-~48 ms a step on 2 cores; benchmarks/README.md).
+`fused_nll` computes what `model.item_tables` and `scoring._row_blocked_nll`
+compute (the per-head item tables of Eq. 9, the summed next-item cross-entropy
+of the mixture rule and, in the same pass, its gradients), for user vectors of
+32 dimensions on an x86 CPU with AVX-512. XLA:CPU runs that loss as a matmul
+kernel, an exp kernel and two more matmul kernels that pass the logits through
+memory; the kernel makes the logits, their exps and the user vectors' gradient
+in one sweep over the table, with the logits in registers (benchmarks/README.md,
+"The training loss as one CPU kernel").
 
 The kernel is compiled on first use, for this machine's CPU, with the system's C
 and C++ compilers ($CC and $CXX, else gcc and g++), with an XLA FFI handler
@@ -30,6 +31,7 @@ import subprocess
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 Array = jax.Array
@@ -114,49 +116,63 @@ def _library() -> ctypes.CDLL | None:
   return library
 
 
-def fused_nll(vectors: Array, log_weights: Array, targets: Array, tables: Array) -> Array:
-  """Summed -log p(target) over the positions with a target, as `scoring.next_item_nll`.
+def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Array,
+              projection: Array, num_items: int) -> Array:
+  """Summed -log p(target) over the positions with a target, as `scoring.next_item_nll`
+  against `model.item_tables`.
 
   vectors `[T, K, 32]`, log_weights `[T, K]`, targets `[T]` (item ids, 0 = none),
-  tables `[K, V, 32]` (row i is item i + 1). Differentiable in vectors,
-  log_weights and tables; the gradients come from the forward pass.
+  embedding `[rows, d]` (the item table E: row 0 padding, row i item i, rows past
+  `num_items` unused), projection `[K, d, 32]` (W_f, Eq. 9: head k scores against
+  E W_f^(k)). Differentiable in vectors, log_weights, embedding and projection; the
+  gradients come from the forward pass.
   """
-  chex.assert_rank([vectors, log_weights, targets, tables], [3, 2, 1, 3])
+  chex.assert_rank([vectors, log_weights, targets, embedding, projection], [3, 2, 1, 2, 3])
   num, k, dim = vectors.shape
-  chex.assert_shape(tables, (k, None, dim))
-  if not applies(k, dim, vectors.dtype):
-    raise ValueError(f"cpu_kernels.fused_nll: K={k} vectors of D={dim} ({vectors.dtype}); "
-                     f"the kernel takes K <= {MAX_VECTORS} float32 vectors of {VECTOR_SIZE}")
+  rows, width = embedding.shape
+  chex.assert_shape(projection, (k, width, dim))
+  if not applies(k, dim, vectors.dtype) or width % VECTOR_SIZE or rows <= num_items:
+    raise ValueError(f"cpu_kernels.fused_nll: K={k} vectors of D={dim} ({vectors.dtype}), an "
+                     f"embedding [{rows}, {width}] for {num_items} items; the kernel takes K <= "
+                     f"{MAX_VECTORS} float32 vectors of {VECTOR_SIZE}, an embedding width that "
+                     f"is a multiple of {VECTOR_SIZE} and a row for each item after row 0")
   pad = -num % ROW_BLOCK
   u = jnp.pad(vectors, [(0, pad), (0, 0), (0, 0)]).transpose(1, 0, 2)  # [K, R, D]
   w = jnp.pad(log_weights.astype(jnp.float32), [(0, pad), (0, 0)])
   t = jnp.pad(targets.astype(jnp.int32) - 1, (0, pad), constant_values=-1)  # -1: no target
-  return _nll(u, w, t, tables.astype(jnp.float32))
+  return _nll(u, w, t, embedding.astype(jnp.float32), projection.astype(jnp.float32),
+              num_items)
 
 
-@jax.custom_vjp
-def _nll(u: Array, log_weights: Array, targets: Array, tables: Array) -> Array:
-  return _kernel_call(u, log_weights, targets, tables)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _nll(u: Array, log_weights: Array, targets: Array, embedding: Array, projection: Array,
+         num_items: int) -> Array:
+  return _kernel_call(u, log_weights, targets, embedding, projection, num_items)[0]
 
 
-def _nll_fwd(u, log_weights, targets, tables):
-  loss, du, d_tables, d_log_weights = _kernel_call(u, log_weights, targets, tables)
-  return loss, (du, d_log_weights, d_tables)
+def _nll_fwd(u, log_weights, targets, embedding, projection, num_items):
+  loss, *grads = _kernel_call(u, log_weights, targets, embedding, projection, num_items)
+  return loss, tuple(grads)
 
 
-def _nll_bwd(grads, cotangent):
-  du, d_log_weights, d_tables = grads
-  return cotangent * du, cotangent * d_log_weights, None, cotangent * d_tables
+def _nll_bwd(num_items, grads, cotangent):
+  del num_items
+  du, d_embedding, d_projection, d_log_weights = grads
+  return (cotangent * du, cotangent * d_log_weights, None, cotangent * d_embedding,
+          cotangent * d_projection)
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
-def _kernel_call(u: Array, log_weights: Array, targets: Array, tables: Array):
-  """(loss, du, d_tables, d_log_weights) from the kernel, an XLA custom call."""
+def _kernel_call(u: Array, log_weights: Array, targets: Array, embedding: Array,
+                 projection: Array, num_items: int):
+  """(loss, du, d_embedding, d_projection, d_log_weights) from the kernel, an XLA
+  custom call."""
   if _library() is None:  # Callers check `available()` first.
     raise RuntimeError("cpu_kernels: the fused loss kernel is not available on this machine")
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  call = jax.ffi.ffi_call(TARGET, (f32(()), f32(u.shape), f32(tables.shape),
-                                   f32(log_weights.shape)), vmap_method="sequential")
-  return call(u, log_weights, targets, tables)
+  call = jax.ffi.ffi_call(TARGET, (f32(()), f32(u.shape), f32(embedding.shape),
+                                   f32(projection.shape), f32(log_weights.shape)),
+                          vmap_method="sequential")
+  return call(u, log_weights, targets, embedding, projection, num_items=np.int64(num_items))

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fame_jax import cpu_kernels
 
 Array = jax.Array
 
@@ -244,18 +243,14 @@ def next_item_log_prob(vectors: Array, log_weights: Array, targets: Array, table
 
 def next_item_nll(vectors: Array, log_weights: Array, targets: Array, table: Array,
                   chunk_size: int = 0, row_block: int = 0, dtype=jnp.float32,
-                  mesh: Mesh | None = None, fused: bool = False) -> Array:
+                  mesh: Mesh | None = None) -> Array:
   """Summed -log p(target) over the positions that have a target (`targets > 0`): a scalar.
 
-  With `fused` the CPU kernel `cpu_kernels.fused_nll` (one device; the caller checks
-  `cpu_kernels.applies` and `available`). With `row_block > 0` (and no 'model' mesh
-  axis) `_row_blocked_nll`, which takes the gradients in the same pass; otherwise
-  `-sum(next_item_log_prob)`, with `chunk_size` as there. Arguments as
-  `next_item_log_prob`'s.
+  With `row_block > 0` (and no 'model' mesh axis) `_row_blocked_nll`, which takes
+  the gradients in the same pass; otherwise `-sum(next_item_log_prob)`, with
+  `chunk_size` as there. Arguments as `next_item_log_prob`'s.
   """
   with jax.named_scope("next_item_nll"):  # Profiles attribute its ops to this name.
-    if fused:  # Per-head tables `[K, V, D]`.
-      return cpu_kernels.fused_nll(vectors, log_weights, targets, table)
     if row_block > 0 and (mesh is None or mesh.shape.get("model", 1) == 1):
       return _row_blocked_nll(vectors, log_weights, targets, table, row_block, dtype, mesh)
     log_prob = next_item_log_prob(vectors, log_weights, targets, table, chunk_size, dtype, mesh)

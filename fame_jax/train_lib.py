@@ -82,7 +82,7 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
   """Summed -log p(target) over non-padding positions, and their number.
 
   `chunk_size`, `row_block` and `fused` choose how the catalogue is scored
-  (`scoring.next_item_nll`).
+  (`output_nll`).
   """
   deterministic = rng is None
   out = model.apply({"params": params}, batch["items"], segments=batch.get("segments"),
@@ -90,11 +90,29 @@ def next_item_loss(model: model_lib.SequenceRecommender, params: Any, batch: Bat
                     rngs=None if deterministic else {"dropout": rng})
   b, length, k, d = out.vectors.shape
   targets = batch["targets"].reshape(b * length)
-  loss_sum = scoring.next_item_nll(
-      out.vectors.reshape(b * length, k, d), out.log_weights.reshape(b * length, k), targets,
-      model_lib.item_tables(params, model.cfg), chunk_size, row_block,
-      model_lib.DTYPES[model.cfg.dtype], mesh, fused)
+  loss_sum = output_nll(model.cfg, params, out.vectors.reshape(b * length, k, d),
+                        out.log_weights.reshape(b * length, k), targets, chunk_size, mesh,
+                        row_block, fused)
   return loss_sum, jnp.sum(targets > 0, dtype=jnp.float32)
+
+
+def output_nll(cfg: model_lib.ModelConfig, params: Any, vectors: jax.Array,
+               log_weights: jax.Array, targets: jax.Array, chunk_size: int,
+               mesh: jax.sharding.Mesh | None = None, row_block: int = 0,
+               fused: bool = False) -> jax.Array:
+  """The output layer: what the user vectors `[T, K, D]` score against
+  (`model.item_tables`) and the summed -log p(target) (`scoring.next_item_nll`).
+
+  With `fused` both run as the CPU kernel `cpu_kernels.fused_nll` (one device; the
+  caller checks that it applies, as `Experiment.fused_loss` does).
+  """
+  if fused:
+    with jax.named_scope("next_item_nll"):  # Profiles attribute its ops to this name.
+      return cpu_kernels.fused_nll(vectors, log_weights, targets,
+                                   params["item_embedding"]["embedding"],
+                                   params["item_projection"], cfg.num_items)
+  return scoring.next_item_nll(vectors, log_weights, targets, model_lib.item_tables(params, cfg),
+                               chunk_size, row_block, model_lib.DTYPES[cfg.dtype], mesh)
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,

@@ -25,16 +25,46 @@ needs_kernel = pytest.mark.skipif(
     reason="the kernel needs an x86 CPU with AVX-512 and C and C++ compilers")
 
 
-def loss_inputs(num: int, k: int, num_items: int, scale: float, seed: int = 1):
+def loss_inputs(num: int, k: int, num_items: int, scale: float, seed: int = 1, width: int = 64):
   """Positions not a multiple of the kernel's 32-row block, every 7th position without a
-  target."""
+  target; an item table with padding row 0 and 5 unused rows at the end (as the model's
+  table is padded to a multiple of 128 rows)."""
   rng = np.random.default_rng(seed)
   dim = cpu_kernels.VECTOR_SIZE
   vectors = jnp.asarray(scale * rng.normal(size=(num, k, dim)) / np.sqrt(dim), jnp.float32)
   log_weights = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(num, k)), jnp.float32))
   targets = jnp.asarray(rng.integers(1, num_items + 1, num), jnp.int32).at[::7].set(0)
-  tables = jnp.asarray(rng.normal(size=(k, num_items, dim)), jnp.float32)
-  return vectors, log_weights, targets, tables
+  embedding = jnp.asarray(rng.normal(size=(num_items + 6, width)), jnp.float32)
+  projection = jnp.asarray(rng.normal(size=(k, width, dim)) / np.sqrt(width), jnp.float32)
+  return vectors, log_weights, targets, embedding, projection
+
+
+def xla_nll(vectors, log_weights, targets, embedding, projection):
+  """The same loss in XLA: `model.item_tables` (Eq. 9), then the whole catalogue at once."""
+  num_items = embedding.shape[0] - 6
+  tables = jnp.einsum("vd,hdk->hvk", embedding, projection)[:, 1:num_items + 1]
+  return scoring.next_item_nll(vectors, log_weights, targets, tables)
+
+
+def kernel_nll(vectors, log_weights, targets, embedding, projection):
+  return cpu_kernels.fused_nll(vectors, log_weights, targets, embedding, projection,
+                               embedding.shape[0] - 6)
+
+
+GRADIENTS = ("vectors", "log_weights", "embedding", "projection")
+
+
+def assert_same_loss_and_gradients(inputs):
+  """Loss and the gradients of the four differentiable inputs, kernel against XLA."""
+  argnums = (0, 1, 3, 4)
+  want, want_grads = jax.jit(jax.value_and_grad(xla_nll, argnums))(*inputs)
+  got, got_grads = jax.jit(jax.value_and_grad(kernel_nll, argnums))(*inputs)
+  assert np.isfinite(float(got)) and float(got) == pytest.approx(float(want), rel=1e-6)
+  # Float32 rounding of logits of size ~|logit|, amplified by the exps: up to ~2e-6 of the
+  # largest gradient with logits hundreds apart.
+  for name, g, w in zip(GRADIENTS, got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
+  return got_grads
 
 
 @needs_kernel
@@ -44,50 +74,35 @@ def loss_inputs(num: int, k: int, num_items: int, scale: float, seed: int = 1):
 # before the 32 items the stabiliser is guessed from.
 @pytest.mark.parametrize("num_items", [203, 64, 5])
 def test_the_kernel_equals_the_xla_loss_and_its_gradients(k, scale, num_items):
-  vectors, log_weights, targets, tables = loss_inputs(45, k, num_items, scale)
+  inputs = loss_inputs(45, k, num_items, scale, width=32 * k)
+  grads = assert_same_loss_and_gradients(inputs)
+  assert not np.any(np.asarray(grads[0])[::7]), "a position without a target has no gradient"
+  padding_rows = np.asarray(grads[2])[[0, *range(num_items + 1, num_items + 6)]]
+  assert not np.any(padding_rows), "the table's rows that are not items have no gradient"
 
-  def xla(v, w, t):
-    return scoring.next_item_nll(v, w, targets, t)  # The whole catalogue at once.
 
-  def kernel(v, w, t):
-    return cpu_kernels.fused_nll(v, w, targets, t)
-
-  want, want_grads = jax.jit(jax.value_and_grad(xla, argnums=(0, 1, 2)))(
-      vectors, log_weights, tables)
-  got, got_grads = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1, 2)))(
-      vectors, log_weights, tables)
-  assert float(got) == pytest.approx(float(want), rel=1e-6)
-  # Float32 rounding of logits of size ~|logit|, amplified by the exps: up to ~2e-6 of the
-  # largest gradient with logits hundreds apart.
-  for name, g, w in zip(("vectors", "log_weights", "tables"), got_grads, want_grads):
-    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()), err_msg=name)
-  assert not np.any(np.asarray(got_grads[0])[::7]), "a position without a target has no gradient"
+@needs_kernel
+def test_an_embedding_wider_than_the_heads_together():
+  """d = 96 for two 32-dimensional heads: W_f maps d to d' whatever d is."""
+  assert_same_loss_and_gradients(loss_inputs(70, 2, 150, 3.0, width=96))
 
 
 @needs_kernel
 def test_rows_whose_best_item_is_far_above_the_first_items_are_scored_exactly():
   """The stabiliser guessed from the first 32 items is too low here (the later items'
   logits lie ~100-300 higher): those blocks are scored again against their best logit."""
-  vectors, log_weights, targets, tables = loss_inputs(70, 2, 300, 40.0, seed=2)
-  tables = tables.at[:, :32].multiply(0.01)
-  xla = jax.value_and_grad(lambda v, t: scoring.next_item_nll(v, log_weights, targets, t),
-                           argnums=(0, 1))(vectors, tables)
-  got = jax.value_and_grad(lambda v, t: cpu_kernels.fused_nll(v, log_weights, targets, t),
-                           argnums=(0, 1))(vectors, tables)
-  assert np.isfinite(float(got[0])) and float(got[0]) == pytest.approx(float(xla[0]), rel=1e-6)
-  for g, w in zip(got[1], xla[1]):
-    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
+  vectors, log_weights, targets, embedding, projection = loss_inputs(70, 2, 300, 40.0, seed=2)
+  embedding = embedding.at[1:33].multiply(0.01)
+  assert_same_loss_and_gradients((vectors, log_weights, targets, embedding, projection))
 
 
 @needs_kernel
 def test_the_kernel_gives_the_same_numbers_every_time():
   inputs = loss_inputs(300, 2, 1000, 3.0)
-  grad = jax.jit(jax.value_and_grad(
-      lambda v, w, t: cpu_kernels.fused_nll(v, w, inputs[2], t), argnums=(0, 1, 2)))
-  first = jax.device_get(grad(inputs[0], inputs[1], inputs[3]))
+  grad = jax.jit(jax.value_and_grad(kernel_nll, argnums=(0, 1, 3, 4)))
+  first = jax.device_get(grad(*inputs))
   for _ in range(3):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(
-        grad(inputs[0], inputs[1], inputs[3])), first)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(grad(*inputs)), first)
 
 
 def fame32_config(**overrides):
@@ -180,7 +195,7 @@ def test_a_run_with_the_kernel_reproduces_itself(tmp_path):
 
 @needs_kernel
 def test_a_target_outside_the_catalogue_is_an_error_not_a_stray_read():
-  vectors, log_weights, targets, tables = loss_inputs(40, 2, 50, 1.0)
+  vectors, log_weights, targets, embedding, projection = loss_inputs(40, 2, 50, 1.0)
   with pytest.raises(Exception, match="target outside the catalogue"):
-    jax.block_until_ready(cpu_kernels.fused_nll(vectors, log_weights, targets.at[3].set(51),
-                                                tables))
+    jax.block_until_ready(kernel_nll(vectors, log_weights, targets.at[3].set(51), embedding,
+                                     projection))

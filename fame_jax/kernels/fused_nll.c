@@ -1,20 +1,23 @@
 // FAME's training output layer on a CPU with AVX-512, as one kernel (fame_jax/cpu_kernels.py
-// builds and calls it; scoring._row_blocked_nll is the same computation in XLA).
+// builds and calls it; model.item_tables and scoring._row_blocked_nll are the same
+// computation in XLA).
 //
-// The mixture rule with K heads of D = 32: for each position r with a target t_r,
+// The mixture rule with K heads of D = 32: the per-head item tables T_k = E W_k (Eq. 9;
+// E the item embeddings, d wide), and for each position r with a target t_r,
 //   loss_r = -log sum_k exp(logw_rk) softmax(U_k[r] . T_k^T)[t_r],
-// and the gradients of U, T and logw. Blocks of RB rows are scored against the whole
-// catalogue, 8 items at a time, the block's rows in the lanes of two zmm registers.
-// As each tile of logits comes out of the matmul it is turned into exps (against a
-// stabiliser per row fixed after the first 32 items, `block_exps`), summed into the
-// normaliser, and multiplied into the user vectors' gradient while still in registers:
-// one sweep over the table makes the logits, the exps and dU. The exps are kept
-// (RB x V floats a head, in L2 when they fit) for the table's gradient, the one
-// matmul that needs the mixture's posterior first. XLA:CPU instead writes the logits
-// and the exps to memory and reads them back between four kernels. A block where the
-// stabiliser proves too low is scored again against each row's best logit, so no exp
-// overflows whatever the logits. Thread k does head k (threads meet twice a block:
-// after the exps, and after the mixture that thread 0 computes). The result does not
+// with the gradients of U, logw, E and W. Thread k does head k: it projects T_k, then
+// scores blocks of RB rows against the whole catalogue, 8 items at a time, the block's
+// rows in the lanes of two zmm registers. As each tile of logits comes out of the
+// matmul it is turned into exps (against a stabiliser per row fixed after the first 32
+// items, `block_exps`), summed into the normaliser, and multiplied into the user
+// vectors' gradient while still in registers: one sweep over the table makes the
+// logits, the exps and dU. The exps are kept (RB x V floats a head, in L2 when they
+// fit) for the table's gradient, the one matmul that needs the mixture's posterior
+// first. XLA:CPU instead writes the logits and the exps to memory and reads them back
+// between four kernels. A block where the stabiliser proves too low is scored again
+// against each row's best logit, so no exp overflows whatever the logits. Threads meet
+// twice a block (after the exps, and after the mixture that thread 0 computes) and
+// once at the end, before they split dE's rows between them. The result does not
 // depend on timing: every sum has a fixed order.
 #include <errno.h>
 #include <immintrin.h>
@@ -65,13 +68,16 @@ static void barrier_wait(Barrier *b, int *local_sense) {
 }
 
 typedef struct {
-  int K, R, V, Vp;     // heads, rows (a multiple of RB), items, items padded to 8
+  int K, R, V, Vp, d, rows;  // heads, positions (a multiple of RB), items, items padded to
+                             // 8, embedding size, embedding rows (>= V + 1)
   const float *U;      // [K][R][D]
   const float *logw;   // [R][K]
   const int *tgt;      // [R]: item index, or -1 for a position without a target
-  const float *T;      // [K][V][D]
-  float *dU, *dT;      // like U, T
-  float *dlogw;        // [R][K]
+  const float *emb;    // [rows][d]: row 0 is padding, row v + 1 item v
+  const float *W;      // [K][d][D]
+  float *dU, *demb, *dW, *dlogw;  // like U, emb, W, logw
+  float *T, *dT;       // [K][Vp][D]: T_k = E W_k (rows past V zero), and its gradient
+  float *WT;           // [K][D][d]: W_k transposed
   float *E;            // [K][Vp][RB]: a block's logits, then exps (item-major: rows are lanes)
   float *Z, *lt, *c, *q;  // [K][RB]: normaliser, target logit - m, c = q / Z, posterior q
   float tmax[MAX_HEADS];   // max_v |T_k[v]|
@@ -123,7 +129,7 @@ static float dot(const float *x, const float *y) {
 // m) is scored again with m = each row's best logit (`exact`: logits first, then exps).
 static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
-  const float *T = p->T + (size_t)k * p->V * D;
+  const float *T = p->T + (size_t)k * p->Vp * D;
   float *E = p->E + (size_t)k * RB * p->Vp;
   memset(S, 0, sizeof(float) * D * RB);
   float UT[D][RB] __attribute__((aligned(64)));
@@ -137,13 +143,7 @@ static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
   for (int v0 = 0; v0 < p->Vp; v0 += 8) {
     __m512 a[8][2];
     int n = v0 < full ? 8 : V - v0;  // Real items in this tile.
-    float tail[8 * D] __attribute__((aligned(64)));
     const float *Tv = T + (size_t)v0 * D;
-    if (n < 8) {  // The last, partial tile: rows past the catalogue repeat its last item.
-      for (int j = 0; j < 8; j++)
-        memcpy(tail + j * D, T + (size_t)(j < n ? v0 + j : V - 1) * D, sizeof(float) * D);
-      Tv = tail;
-    }
     tile_logits(a, &UT[0][0], Tv, 0);
     if (v0 < head) {
       for (int j = 0; j < n; j++)
@@ -175,10 +175,8 @@ static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
       ml[0] = _mm512_load_ps(m), ml[1] = _mm512_load_ps(m + 16);
       for (int w0 = 0; w0 < head; w0 += 8) {  // The raw logits so far, to exps.
         __m512 x[8][2];
-        float tl[8 * D] __attribute__((aligned(64)));
         for (int j = 0; j < 8; j++) {
           int v = w0 + j;
-          memcpy(tl + j * D, T + (size_t)(v < V ? v : V - 1) * D, sizeof(float) * D);
           for (int h = 0; h < 2; h++) {
             float *e = E + (size_t)v * RB + 16 * h;
             x[j][h] = v < V ? exp2_512(_mm512_fmsub_ps(_mm512_load_ps(e), log2e, ml[h]))
@@ -187,7 +185,7 @@ static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
             z[h] = _mm512_add_ps(z[h], x[j][h]);
           }
         }
-        tile_sum(&S[0][0], x, tl, 0);
+        tile_sum(&S[0][0], x, T, w0);
       }
     }
   }
@@ -233,11 +231,11 @@ static void block_mixture(Problem *p, int r0) {
 // dU[r] = c_r S[.][r] - q_r T[t_r];  dT[v] += sum_r E[v,r] c_r U[r] - [v = t_r] q_r U[r].
 static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
-  const float *T = p->T + (size_t)k * p->V * D;
+  const float *T = p->T + (size_t)k * p->Vp * D;
   const float *E = p->E + (size_t)k * RB * p->Vp;
   const float *c = p->c + k * RB, *q = p->q + k * RB;
   float *dU = p->dU + ((size_t)k * p->R + r0) * D;
-  float *dT = p->dT + (size_t)k * p->V * D;
+  float *dT = p->dT + (size_t)k * p->Vp * D;
   float s[RB][D] __attribute__((aligned(64))), cu[RB][D] __attribute__((aligned(64)));
   for (int i = 0; i < RB; i++)
     for (int d = 0; d < D; d++) s[i][d] = S[d][i];
@@ -251,8 +249,7 @@ static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
       _mm512_store_ps(&cu[i][16 * h], _mm512_mul_ps(ci, _mm512_loadu_ps(U + i * D + 16 * h)));
     }
   }
-  for (int v0 = 0; v0 < p->V; v0 += 8) {
-    int n = p->V - v0 < 8 ? p->V - v0 : 8;
+  for (int v0 = 0; v0 < p->Vp; v0 += 8) {  // Items past V have exps of 0.
     const float *e = E + (size_t)v0 * RB;
     __m512 a[8][2];
     for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
@@ -264,7 +261,7 @@ static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
         a[j][1] = _mm512_fmadd_ps(b, u1, a[j][1]);
       }
     }
-    for (int j = 0; j < n; j++) {
+    for (int j = 0; j < 8; j++) {
       float *o = dT + (size_t)(v0 + j) * D;
       _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[j][0]));
       _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), a[j][1]));
@@ -273,6 +270,100 @@ static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
   for (int i = 0; i < RB; i++)
     if (p->tgt[r0 + i] >= 0)
       for (int d = 0; d < D; d++) dT[(size_t)p->tgt[r0 + i] * D + d] -= q[i] * U[i * D + d];
+}
+
+// T_k = E W_k for the n <= 8 items v0.. (E's rows v0+1..), zeros for the rest of the
+// tile's 8 rows; the largest |T_k[v]|^2 into tmax2.
+static inline __attribute__((always_inline)) void project_tile(Problem *p, int k, int v0,
+                                                                int n, float *tmax2) {
+  const float *W = p->W + (size_t)k * p->d * D, *e = p->emb + (size_t)(v0 + 1) * p->d;
+  __m512 a[8][2];
+  for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
+  for (int i = 0; i < p->d; i++) {
+    __m512 w0 = _mm512_loadu_ps(W + i * D), w1 = _mm512_loadu_ps(W + i * D + 16);
+    for (int j = 0; j < n; j++) {
+      __m512 b = _mm512_set1_ps(e[(size_t)j * p->d + i]);
+      a[j][0] = _mm512_fmadd_ps(b, w0, a[j][0]);
+      a[j][1] = _mm512_fmadd_ps(b, w1, a[j][1]);
+    }
+  }
+  float *T = p->T + ((size_t)k * p->Vp + v0) * D;
+  for (int j = 0; j < 8; j++) {
+    _mm512_store_ps(T + j * D, a[j][0]);
+    _mm512_store_ps(T + j * D + 16, a[j][1]);
+    float n2 = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(a[j][0], a[j][0]),
+                                                  _mm512_mul_ps(a[j][1], a[j][1])));
+    *tmax2 = n2 > *tmax2 ? n2 : *tmax2;
+  }
+}
+
+// dW_k[i] = sum_v E[v+1][i] dT_k[v], in chunks of items that stay in L1.
+static void projection_grad(Problem *p, int k) {
+  enum { CHUNK = 64 };
+  const float *dT = p->dT + (size_t)k * p->Vp * D;
+  float *dW = p->dW + (size_t)k * p->d * D;
+  memset(dW, 0, sizeof(float) * p->d * D);
+  for (int v0 = 0; v0 < p->V; v0 += CHUNK) {
+    int v1 = v0 + CHUNK < p->V ? v0 + CHUNK : p->V;
+    for (int i0 = 0; i0 < p->d; i0 += 8) {
+      __m512 a[8][2];
+      for (int i = 0; i < 8; i++) {
+        a[i][0] = _mm512_loadu_ps(dW + (i0 + i) * D);
+        a[i][1] = _mm512_loadu_ps(dW + (i0 + i) * D + 16);
+      }
+      for (int v = v0; v < v1; v++) {
+        __m512 g0 = _mm512_load_ps(dT + (size_t)v * D);
+        __m512 g1 = _mm512_load_ps(dT + (size_t)v * D + 16);
+        const float *e = p->emb + (size_t)(v + 1) * p->d + i0;
+        for (int i = 0; i < 8; i++) {
+          __m512 b = _mm512_set1_ps(e[i]);
+          a[i][0] = _mm512_fmadd_ps(b, g0, a[i][0]);
+          a[i][1] = _mm512_fmadd_ps(b, g1, a[i][1]);
+        }
+      }
+      for (int i = 0; i < 8; i++) {
+        _mm512_storeu_ps(dW + (i0 + i) * D, a[i][0]);
+        _mm512_storeu_ps(dW + (i0 + i) * D + 16, a[i][1]);
+      }
+    }
+  }
+}
+
+// dE[v+1] = sum_h dT_h[v] W_h^T for thread k's share of the items (after every head's dT
+// is complete); thread 0 also zeroes the rows that are not items.
+static void embedding_grad(Problem *p, int k) {
+  int first = (int)((long)p->V * k / p->K / 8 * 8);
+  int last = k == p->K - 1 ? p->V : (int)((long)p->V * (k + 1) / p->K / 8 * 8);
+  if (k == 0) {
+    memset(p->demb, 0, sizeof(float) * p->d);
+    memset(p->demb + (size_t)(p->V + 1) * p->d, 0,
+           sizeof(float) * (size_t)(p->rows - p->V - 1) * p->d);
+  }
+  for (int v0 = first; v0 < last; v0 += 8) {
+    int n = last - v0 < 8 ? last - v0 : 8;
+    for (int i0 = 0; i0 < p->d; i0 += 32) {
+      __m512 a[8][2];
+      for (int j = 0; j < 8; j++) a[j][0] = a[j][1] = _mm512_setzero_ps();
+      for (int h = 0; h < p->K; h++) {
+        const float *WT = p->WT + (size_t)h * D * p->d + i0;
+        const float *g = p->dT + ((size_t)h * p->Vp + v0) * D;
+        for (int c = 0; c < D; c++) {
+          __m512 w0 = _mm512_loadu_ps(WT + (size_t)c * p->d);
+          __m512 w1 = _mm512_loadu_ps(WT + (size_t)c * p->d + 16);
+          for (int j = 0; j < 8; j++) {
+            __m512 b = _mm512_set1_ps(g[j * D + c]);
+            a[j][0] = _mm512_fmadd_ps(b, w0, a[j][0]);
+            a[j][1] = _mm512_fmadd_ps(b, w1, a[j][1]);
+          }
+        }
+      }
+      for (int j = 0; j < n; j++) {
+        float *o = p->demb + (size_t)(v0 + j + 1) * p->d + i0;
+        _mm512_storeu_ps(o, a[j][0]);
+        _mm512_storeu_ps(o + 16, a[j][1]);
+      }
+    }
+  }
 }
 
 typedef struct {
@@ -287,14 +378,16 @@ static void *run_head(void *arg) {
   int k = w->k, sense = 0;
   while (atomic_load(w->go) == 0) sched_yield();
   if (atomic_load(w->go) < 0) return NULL;
-  const float *T = p->T + (size_t)k * p->V * D;
-  float tmax = 0;
-  for (int v = 0; v < p->V; v++) {
-    float n = dot(T + (size_t)v * D, T + (size_t)v * D);
-    tmax = n > tmax ? n : tmax;
+  float tmax2 = 0;
+  for (int v0 = 0; v0 < p->Vp; v0 += 8) {
+    if (p->V - v0 >= 8) project_tile(p, k, v0, 8, &tmax2);  // Unrolled for whole tiles.
+    else project_tile(p, k, v0, p->V - v0, &tmax2);
   }
-  p->tmax[k] = sqrtf(tmax);
-  memset(p->dT + (size_t)k * p->V * D, 0, (size_t)p->V * D * sizeof(float));
+  p->tmax[k] = sqrtf(tmax2);
+  for (int i = 0; i < p->d; i++)
+    for (int c = 0; c < D; c++)
+      p->WT[((size_t)k * D + c) * p->d + i] = p->W[((size_t)k * p->d + i) * D + c];
+  memset(p->dT + (size_t)k * p->Vp * D, 0, (size_t)p->Vp * D * sizeof(float));
   float S[D][RB] __attribute__((aligned(64)));
   for (int r0 = 0; r0 < p->R; r0 += RB) {
     block_exps(p, k, r0, S, 0);
@@ -303,23 +396,30 @@ static void *run_head(void *arg) {
     barrier_wait(&p->barrier, &sense);
     block_grads(p, k, r0, S);
   }
+  projection_grad(p, k);
+  barrier_wait(&p->barrier, &sense);
+  embedding_grad(p, k);
   return NULL;
 }
 
-// Returns 0, or EINVAL (R not a multiple of 32, more than MAX_HEADS heads, or a target
-// outside -1..V-1), or ENOMEM.
-int fame_fused_nll(int K, int R, int V, const float *U, const float *logw, const int *tgt,
-                   const float *T, double *loss, float *dU, float *dT, float *dlogw) {
-  if (K < 1 || K > MAX_HEADS || R % RB || V < 1) return EINVAL;
+// Returns 0, or EINVAL (R not a multiple of 32, d not a multiple of 32, more than
+// MAX_HEADS heads, fewer than V + 1 embedding rows, or a target outside -1..V-1), or ENOMEM.
+int fame_fused_nll(int K, int R, int V, int d, int rows, const float *U, const float *logw,
+                   const int *tgt, const float *emb, const float *W, double *loss, float *dU,
+                   float *demb, float *dW, float *dlogw) {
+  if (K < 1 || K > MAX_HEADS || R % RB || V < 1 || d < 32 || d % 32 || rows < V + 1)
+    return EINVAL;
   for (int r = 0; r < R; r++)
     if (tgt[r] < -1 || tgt[r] >= V) return EINVAL;
-  Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 7) / 8 * 8, .U = U, .logw = logw,
-               .tgt = tgt, .T = T, .dU = dU, .dT = dT, .dlogw = dlogw};
-  size_t e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;
-  float *work = aligned_alloc(64, (e + 4 * small) * sizeof(float));
+  Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 7) / 8 * 8, .d = d, .rows = rows, .U = U,
+               .logw = logw, .tgt = tgt, .emb = emb, .W = W, .dU = dU, .demb = demb, .dW = dW,
+               .dlogw = dlogw};
+  size_t tables = (size_t)K * p.Vp * D, e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;
+  size_t floats = 2 * tables + (size_t)K * D * d + e + 4 * small;
+  float *work = aligned_alloc(64, floats * sizeof(float));
   if (!work) return ENOMEM;
-  p.E = work, p.Z = work + e, p.lt = p.Z + small, p.c = p.lt + small;
-  p.q = p.c + small;
+  p.T = work, p.dT = p.T + tables, p.WT = p.dT + tables, p.E = p.WT + (size_t)K * D * d;
+  p.Z = p.E + e, p.lt = p.Z + small, p.c = p.lt + small, p.q = p.c + small;
   atomic_init(&p.barrier.count, 0);
   atomic_init(&p.barrier.sense, 0);
   p.barrier.n = K;
