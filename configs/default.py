@@ -92,9 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 1024-item chunks, benchmarks/README.md); 0 (off) on GPU/TPU and where fewer
   # than 32 positions fit (scoring.auto_row_block).
   config.loss_row_block = -1
-  # The row-blocked training loss as one hand-written kernel (fame_jax/cpu_kernels.py):
-  # "auto" uses it on one CPU device with AVX-512 and a C compiler, for FAME's
-  # mixture rule with d/H = 32 in float32 (Beauty's step ~25% shorter); "xla" never.
+  # The training output layer (item tables E W_f and the row-blocked loss) as one
+  # hand-written kernel (fame_jax/cpu_kernels.py): "auto" uses it on one CPU device
+  # with AVX-512 and C/C++ compilers, for FAME's mixture rule with d/H = 32 in
+  # float32 (Beauty's step ~32% shorter than with XLA's kernels); "xla" never.
   config.loss_kernel = "auto"
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
   # Users ranked together (0 = the whole batch). -1 = auto: 128 on CPU (their

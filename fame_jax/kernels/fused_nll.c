@@ -125,8 +125,9 @@ static float dot(const float *x, const float *y) {
 // pass over the catalogue, m is the smaller of a bound that no logit passes
 // (|u| max_v |T_v|) and the best logit of the first 32 items plus 40: the best logit
 // then lies at most 40 below m, and an exp can only overflow if it lies far above.
-// A block where some row's sum of exps passes 2^80 (some logit lies more than ~45 above
-// m) is scored again with m = each row's best logit (`exact`: logits first, then exps).
+// A block where some row's sum of exps is not below 2^80 (a logit some 46-55 or more
+// above m, an overflow, or a NaN) is scored again with m = each row's best logit
+// (`exact`: logits first, then exps).
 static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
   const float *T = p->T + (size_t)k * p->Vp * D;
