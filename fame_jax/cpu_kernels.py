@@ -42,7 +42,8 @@ FFI_SOURCE = os.path.join(_KERNELS, "fused_nll_ffi.cc")
 TARGET = "fame_fused_nll"  # The XLA custom-call target.
 VECTOR_SIZE = 32  # The one user-vector size the kernel is written for (D = d / H).
 ROW_BLOCK = 32  # Positions a block; callers' positions are padded to a multiple of it.
-MAX_VECTORS = 16  # K: one thread a head.
+MAX_VECTORS = 16  # K: one thread a head in each group of threads.
+MAX_THREADS = 64  # K x groups.
 C_FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fPIC", "-pthread")
 CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-w")
 
@@ -51,6 +52,20 @@ def applies(num_vectors: int, vector_size: int, dtype) -> bool:
   """Whether the kernel computes this loss: K <= 16 vectors of 32 float32 dimensions."""
   return (vector_size == VECTOR_SIZE and 1 <= num_vectors <= MAX_VECTORS
           and jnp.dtype(dtype) == jnp.float32)
+
+
+def cores() -> int:
+  """The CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not Linux.
+    return os.cpu_count() or 1
+
+
+def default_groups(num_vectors: int) -> int:
+  """Groups of `num_vectors` threads (one a head) for this machine: as many as there are
+  cores for, at least one (K = 2 on 2 cores: 1 group; on 16 cores: 8)."""
+  return max(1, min(cores(), MAX_THREADS) // num_vectors)
 
 
 def available() -> bool:
@@ -117,7 +132,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Array,
-              projection: Array, num_items: int) -> Array:
+              projection: Array, num_items: int, groups: int | None = None) -> Array:
   """Summed -log p(target) over the positions with a target, as `scoring.next_item_nll`
   against `model.item_tables`.
 
@@ -125,7 +140,9 @@ def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Arr
   embedding `[rows, d]` (the item table E: row 0 padding, row i item i, rows past
   `num_items` unused), projection `[K, d, 32]` (W_f, Eq. 9: head k scores against
   E W_f^(k)). Differentiable in vectors, log_weights, embedding and projection; the
-  gradients come from the forward pass.
+  gradients come from the forward pass. The kernel runs `groups` groups of K threads,
+  each group a share of the positions (default: `default_groups(K)`); the result depends
+  on `groups` only through the order of float32 sums.
   """
   chex.assert_rank([vectors, log_weights, targets, embedding, projection], [3, 2, 1, 2, 3])
   num, k, dim = vectors.shape
@@ -136,27 +153,32 @@ def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Arr
                      f"embedding [{rows}, {width}] for {num_items} items; the kernel takes K <= "
                      f"{MAX_VECTORS} float32 vectors of {VECTOR_SIZE}, an embedding width that "
                      f"is a multiple of {VECTOR_SIZE} and a row for each item after row 0")
+  groups = default_groups(k) if groups is None else groups
+  if not 1 <= groups * k <= MAX_THREADS:
+    raise ValueError(f"cpu_kernels.fused_nll: groups={groups} of K={k} threads; at most "
+                     f"{MAX_THREADS} threads in all")
   pad = -num % ROW_BLOCK
   u = jnp.pad(vectors, [(0, pad), (0, 0), (0, 0)]).transpose(1, 0, 2)  # [K, R, D]
   w = jnp.pad(log_weights.astype(jnp.float32), [(0, pad), (0, 0)])
   t = jnp.pad(targets.astype(jnp.int32) - 1, (0, pad), constant_values=-1)  # -1: no target
   return _nll(u, w, t, embedding.astype(jnp.float32), projection.astype(jnp.float32),
-              num_items)
+              num_items, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _nll(u: Array, log_weights: Array, targets: Array, embedding: Array, projection: Array,
-         num_items: int) -> Array:
-  return _kernel_call(u, log_weights, targets, embedding, projection, num_items)[0]
+         num_items: int, groups: int) -> Array:
+  return _kernel_call(u, log_weights, targets, embedding, projection, num_items, groups)[0]
 
 
-def _nll_fwd(u, log_weights, targets, embedding, projection, num_items):
-  loss, *grads = _kernel_call(u, log_weights, targets, embedding, projection, num_items)
+def _nll_fwd(u, log_weights, targets, embedding, projection, num_items, groups):
+  loss, *grads = _kernel_call(u, log_weights, targets, embedding, projection, num_items,
+                              groups)
   return loss, tuple(grads)
 
 
-def _nll_bwd(num_items, grads, cotangent):
-  del num_items
+def _nll_bwd(num_items, groups, grads, cotangent):
+  del num_items, groups
   du, d_embedding, d_projection, d_log_weights = grads
   return (cotangent * du, cotangent * d_log_weights, None, cotangent * d_embedding,
           cotangent * d_projection)
@@ -166,7 +188,7 @@ _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def _kernel_call(u: Array, log_weights: Array, targets: Array, embedding: Array,
-                 projection: Array, num_items: int):
+                 projection: Array, num_items: int, groups: int):
   """(loss, du, d_embedding, d_projection, d_log_weights) from the kernel, an XLA
   custom call."""
   if _library() is None:  # Callers check `available()` first.
@@ -175,4 +197,5 @@ def _kernel_call(u: Array, log_weights: Array, targets: Array, embedding: Array,
   call = jax.ffi.ffi_call(TARGET, (f32(()), f32(u.shape), f32(embedding.shape),
                                    f32(projection.shape), f32(log_weights.shape)),
                           vmap_method="sequential")
-  return call(u, log_weights, targets, embedding, projection, num_items=np.int64(num_items))
+  return call(u, log_weights, targets, embedding, projection, num_items=np.int64(num_items),
+              groups=np.int64(groups))

@@ -46,19 +46,20 @@ def xla_nll(vectors, log_weights, targets, embedding, projection):
   return scoring.next_item_nll(vectors, log_weights, targets, tables)
 
 
-def kernel_nll(vectors, log_weights, targets, embedding, projection):
+def kernel_nll(vectors, log_weights, targets, embedding, projection, groups=1):
   return cpu_kernels.fused_nll(vectors, log_weights, targets, embedding, projection,
-                               embedding.shape[0] - 6)
+                               embedding.shape[0] - 6, groups)
 
 
 GRADIENTS = ("vectors", "log_weights", "embedding", "projection")
 
 
-def assert_same_loss_and_gradients(inputs):
+def assert_same_loss_and_gradients(inputs, groups=1):
   """Loss and the gradients of the four differentiable inputs, kernel against XLA."""
   argnums = (0, 1, 3, 4)
   want, want_grads = jax.jit(jax.value_and_grad(xla_nll, argnums))(*inputs)
-  got, got_grads = jax.jit(jax.value_and_grad(kernel_nll, argnums))(*inputs)
+  got, got_grads = jax.jit(jax.value_and_grad(kernel_nll, argnums), static_argnums=5)(
+      *inputs, groups)
   assert np.isfinite(float(got)) and float(got) == pytest.approx(float(want), rel=1e-6)
   # Float32 rounding of logits of size ~|logit|, amplified by the exps: up to ~2e-6 of the
   # largest gradient with logits hundreds apart.
@@ -94,6 +95,43 @@ def test_rows_whose_best_item_is_far_above_the_first_items_are_scored_exactly():
   vectors, log_weights, targets, embedding, projection = loss_inputs(70, 2, 300, 40.0, seed=2)
   embedding = embedding.at[1:33].multiply(0.01)
   assert_same_loss_and_gradients((vectors, log_weights, targets, embedding, projection))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,groups", [(2, 2), (2, 3), (3, 2)])
+def test_groups_of_threads_share_the_positions_and_give_the_same_loss(k, groups):
+  """G groups of K threads (one a head), each group every G-th block of 32 positions:
+  150 positions make 5 blocks, shared unevenly; the same loss and gradients as XLA and
+  as one group, up to the order of float32 sums."""
+  inputs = loss_inputs(150, k, 203, 3.0, width=32 * k)
+  grads = assert_same_loss_and_gradients(inputs, groups)
+  argnums = (0, 1, 3, 4)
+  one, one_grads = jax.jit(jax.value_and_grad(kernel_nll, argnums))(*inputs)
+  many, _ = jax.jit(jax.value_and_grad(kernel_nll, argnums), static_argnums=5)(*inputs, groups)
+  assert float(many) == pytest.approx(float(one), rel=1e-6)
+  for name, g, w in zip(GRADIENTS, grads, one_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()),
+                               err_msg=name)
+
+
+@needs_kernel
+def test_more_groups_than_blocks_of_positions_leave_the_rest_idle():
+  """45 positions are 2 blocks; with 4 groups, two groups score nothing but still share
+  the tables and the gradients of E and W."""
+  assert_same_loss_and_gradients(loss_inputs(45, 2, 100, 3.0), groups=4)
+
+
+def test_the_default_groups_use_the_cores_the_process_may_run_on(monkeypatch):
+  for cores, k, want in [(2, 2, 1), (1, 2, 1), (16, 2, 8), (16, 3, 5), (256, 2, 32)]:
+    monkeypatch.setattr(cpu_kernels, "cores", lambda cores=cores: cores)
+    assert cpu_kernels.default_groups(k) == want, (cores, k)
+
+
+@needs_kernel
+def test_more_threads_than_the_kernel_runs_is_a_clear_error():
+  inputs = loss_inputs(40, 2, 50, 1.0)
+  with pytest.raises(ValueError, match="groups=33 of K=2"):
+    kernel_nll(*inputs, groups=33)
 
 
 @needs_kernel

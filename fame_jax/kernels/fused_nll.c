@@ -5,9 +5,10 @@
 // The mixture rule with K heads of D = 32: the per-head item tables T_k = E W_k (Eq. 9;
 // E the item embeddings, d wide), and for each position r with a target t_r,
 //   loss_r = -log sum_k exp(logw_rk) softmax(U_k[r] . T_k^T)[t_r],
-// with the gradients of U, logw, E and W. Thread k does head k: it projects T_k, then
-// scores blocks of RB rows against the whole catalogue, 8 items at a time, the block's
-// rows in the lanes of two zmm registers. As each tile of logits comes out of the
+// with the gradients of U, logw, E and W. The call runs G groups of K threads; thread k of
+// group g does head k for the row blocks g, g + G, g + 2G, ...: it scores each block of RB
+// rows against the whole catalogue, 8 items at a time, the block's rows in the lanes of
+// two zmm registers. As each tile of logits comes out of the
 // matmul it is turned into exps (against a stabiliser per row fixed after the first 32
 // items, `block_exps`), summed into the normaliser, and multiplied into the user
 // vectors' gradient while still in registers: one sweep over the table makes the
@@ -15,10 +16,12 @@
 // fit) for the table's gradient, the one matmul that needs the mixture's posterior
 // first. XLA:CPU instead writes the logits and the exps to memory and reads them back
 // between four kernels. A block where the stabiliser proves too low is scored again
-// against each row's best logit, so no exp overflows whatever the logits. Threads meet
-// twice a block (after the exps, and after the mixture that thread 0 computes) and
-// once at the end, before they split dE's rows between them. The result does not
-// depend on timing: every sum has a fixed order.
+// against each row's best logit, so no exp overflows whatever the logits. A group's
+// threads meet twice a block (after the exps, and after the mixture that its thread 0
+// computes). All threads share the work before and after the blocks: the tables T_k
+// (each head's items split between its G threads), the sum of the groups' dT (items
+// split), dW (rows of W split between a head's threads) and dE (items split). The
+// result does not depend on timing: every sum has a fixed order (for a given G).
 #include <errno.h>
 #include <immintrin.h>
 #include <math.h>
@@ -31,6 +34,7 @@
 #define D 32        // the one vector size this kernel is written for (two zmm registers)
 #define RB 32       // rows a block: the lanes of two zmm registers
 #define MAX_HEADS 16
+#define MAX_THREADS 64  // K x G
 
 // 2^y for y <= 0 (a vector): 2^round(y) times a degree-6 polynomial for 2^f, f in
 // [-1/2, 1/2] (relative error 1e-7); far below 2^-126 the result is 0.
@@ -49,10 +53,10 @@ static inline __m512 exp2_512(__m512 y) {
 
 #define LOG2E 1.44269504088896341f
 
-typedef struct {  // A barrier for the call's threads: spins briefly, then yields the core.
+typedef struct {  // A barrier for n threads: spins briefly, then yields the core.
   atomic_int count, sense;
   int n;
-} Barrier;
+} __attribute__((aligned(64))) Barrier;  // One a cache line.
 
 static void barrier_wait(Barrier *b, int *local_sense) {
   *local_sense = !*local_sense;
@@ -68,22 +72,31 @@ static void barrier_wait(Barrier *b, int *local_sense) {
 }
 
 typedef struct {
-  int K, R, V, Vp, d, rows;  // heads, positions (a multiple of RB), items, items padded to
-                             // 8, embedding size, embedding rows (>= V + 1)
+  int K, G, R, V, Vp, d, rows;  // heads, groups of K threads, positions (a multiple of RB),
+                                // items, items padded to 8, embedding size and rows (>= V + 1)
   const float *U;      // [K][R][D]
   const float *logw;   // [R][K]
   const int *tgt;      // [R]: item index, or -1 for a position without a target
   const float *emb;    // [rows][d]: row 0 is padding, row v + 1 item v
   const float *W;      // [K][d][D]
   float *dU, *demb, *dW, *dlogw;  // like U, emb, W, logw
-  float *T, *dT;       // [K][Vp][D]: T_k = E W_k (rows past V zero), and its gradient
+  // Below, a "slot" is thread k of group g: index g K + k.
+  float *T;            // [K][Vp][D]: T_k = E W_k (rows past V zero)
+  float *dT;           // [G][K][Vp][D]: each group's share of T_k's gradient; group 0's
+                       // becomes the whole gradient
   float *WT;           // [K][D][d]: W_k transposed
-  float *E;            // [K][Vp][RB]: a block's logits, then exps (item-major: rows are lanes)
-  float *Z, *lt, *c, *q;  // [K][RB]: normaliser, target logit - m, c = q / Z, posterior q
-  float tmax[MAX_HEADS];   // max_v |T_k[v]|
-  double loss;
-  Barrier barrier;
+  float *E;            // [slot][Vp][RB]: a block's logits, then exps (rows are lanes)
+  float *Z, *lt, *c, *q;  // [slot][RB]: normaliser, target logit - m, c = q / Z, posterior q
+  float tmax2[MAX_THREADS];  // per slot, max |T_k[v]|^2 over the slot's items
+  double loss[MAX_THREADS];  // per group
+  Barrier all, group[MAX_THREADS];
 } Problem;
+
+// [first, last) of n things split into `parts` shares of whole multiples of `unit`.
+static void share(int n, int unit, int part, int parts, int *first, int *last) {
+  *first = (int)((long)n * part / parts / unit * unit);
+  *last = part == parts - 1 ? n : (int)((long)n * (part + 1) / parts / unit * unit);
+}
 
 // Logits of rows r0..r0+31 (lanes) against items v..v+7: a[j][0..1] for item v+j.
 // UT holds the rows' vectors dimension-major: UT[d][row].
@@ -128,10 +141,12 @@ static float dot(const float *x, const float *y) {
 // A block where some row's sum of exps is not below 2^80 (a logit some 46-55 or more
 // above m, an overflow, or a NaN) is scored again with m = each row's best logit
 // (`exact`: logits first, then exps).
-static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
+static void block_exps(Problem *p, int k, int g, float tmax, int r0, float S[D][RB],
+                       int exact) {
+  int slot = g * p->K + k;
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
   const float *T = p->T + (size_t)k * p->Vp * D;
-  float *E = p->E + (size_t)k * RB * p->Vp;
+  float *E = p->E + (size_t)slot * RB * p->Vp;
   memset(S, 0, sizeof(float) * D * RB);
   float UT[D][RB] __attribute__((aligned(64)));
   for (int i = 0; i < RB; i++)
@@ -168,7 +183,7 @@ static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
       _mm512_store_ps(m + 16, best[1]);
       for (int i = 0; i < RB; i++) {
         if (!exact) {
-          float bound = sqrtf(dot(U + i * D, U + i * D)) * p->tmax[k];
+          float bound = sqrtf(dot(U + i * D, U + i * D)) * tmax;
           m[i] = m[i] + 40.0f < bound ? m[i] + 40.0f : bound;
         }
         m[i] *= LOG2E;
@@ -198,45 +213,48 @@ static void block_exps(Problem *p, int k, int r0, float S[D][RB], int exact) {
   if (!exact)
     for (int i = 0; i < RB; i++)
       if (!(zs[i] < 0x1p80f)) {  // Too large, infinite or NaN: score the block again.
-        block_exps(p, k, r0, S, 1);
+        block_exps(p, k, g, tmax, r0, S, 1);
         return;
       }
   for (int i = 0; i < RB; i++) {
-    p->Z[k * RB + i] = zs[i];
+    p->Z[slot * RB + i] = zs[i];
     int t = p->tgt[r0 + i];
     double m = (double)ms[i] * 0.6931471805599453;  // The stabiliser the exps used.
-    p->lt[k * RB + i] = t >= 0 ? (float)((double)dot(U + i * D, T + (size_t)t * D) - m) : 0.0f;
+    p->lt[slot * RB + i] = t >= 0 ? (float)((double)dot(U + i * D, T + (size_t)t * D) - m) : 0.0f;
   }
 }
 
-// The mixture over heads, in the log domain (thread 0, between the barriers).
-static void block_mixture(Problem *p, int r0) {
+// The mixture over heads, in the log domain (group g's thread 0, between the barriers).
+static void block_mixture(Problem *p, int g, int r0) {
+  const float *lt = p->lt + (size_t)g * p->K * RB, *Z = p->Z + (size_t)g * p->K * RB;
+  float *q = p->q + (size_t)g * p->K * RB, *c = p->c + (size_t)g * p->K * RB;
   for (int i = 0; i < RB; i++) {
     int real = p->tgt[r0 + i] >= 0;
     double lp[MAX_HEADS], top = -INFINITY, total = 0;
     for (int h = 0; h < p->K; h++) {
-      lp[h] = p->logw[(size_t)(r0 + i) * p->K + h] + p->lt[h * RB + i] - log(p->Z[h * RB + i]);
+      lp[h] = p->logw[(size_t)(r0 + i) * p->K + h] + lt[h * RB + i] - log(Z[h * RB + i]);
       top = lp[h] > top ? lp[h] : top;
     }
     for (int h = 0; h < p->K; h++) total += exp(lp[h] - top);
-    if (real) p->loss -= top + log(total);
+    if (real) p->loss[g] -= top + log(total);
     for (int h = 0; h < p->K; h++) {
-      float q = real ? (float)(exp(lp[h] - top) / total) : 0.0f;
-      p->q[h * RB + i] = q;
-      p->c[h * RB + i] = q / p->Z[h * RB + i];
-      p->dlogw[(size_t)(r0 + i) * p->K + h] = -q;
+      float qh = real ? (float)(exp(lp[h] - top) / total) : 0.0f;
+      q[h * RB + i] = qh;
+      c[h * RB + i] = qh / Z[h * RB + i];
+      p->dlogw[(size_t)(r0 + i) * p->K + h] = -qh;
     }
   }
 }
 
 // dU[r] = c_r S[.][r] - q_r T[t_r];  dT[v] += sum_r E[v,r] c_r U[r] - [v = t_r] q_r U[r].
-static void block_grads(Problem *p, int k, int r0, float S[D][RB]) {
+static void block_grads(Problem *p, int k, int g, int r0, float S[D][RB]) {
+  int slot = g * p->K + k;
   const float *U = p->U + ((size_t)k * p->R + r0) * D;
   const float *T = p->T + (size_t)k * p->Vp * D;
-  const float *E = p->E + (size_t)k * RB * p->Vp;
-  const float *c = p->c + k * RB, *q = p->q + k * RB;
+  const float *E = p->E + (size_t)slot * RB * p->Vp;
+  const float *c = p->c + slot * RB, *q = p->q + slot * RB;
   float *dU = p->dU + ((size_t)k * p->R + r0) * D;
-  float *dT = p->dT + (size_t)k * p->Vp * D;
+  float *dT = p->dT + (size_t)slot * p->Vp * D;
   float s[RB][D] __attribute__((aligned(64))), cu[RB][D] __attribute__((aligned(64)));
   for (int i = 0; i < RB; i++)
     for (int d = 0; d < D; d++) s[i][d] = S[d][i];
@@ -298,15 +316,16 @@ static inline __attribute__((always_inline)) void project_tile(Problem *p, int k
   }
 }
 
-// dW_k[i] = sum_v E[v+1][i] dT_k[v], in chunks of items that stay in L1.
-static void projection_grad(Problem *p, int k) {
+// dW_k[i] = sum_v E[v+1][i] dT_k[v] for rows i in [i_first, i_last) (multiples of 8), in
+// chunks of items that stay in L1.
+static void projection_grad(Problem *p, int k, int i_first, int i_last) {
   enum { CHUNK = 64 };
   const float *dT = p->dT + (size_t)k * p->Vp * D;
   float *dW = p->dW + (size_t)k * p->d * D;
-  memset(dW, 0, sizeof(float) * p->d * D);
+  memset(dW + (size_t)i_first * D, 0, sizeof(float) * (i_last - i_first) * D);
   for (int v0 = 0; v0 < p->V; v0 += CHUNK) {
     int v1 = v0 + CHUNK < p->V ? v0 + CHUNK : p->V;
-    for (int i0 = 0; i0 < p->d; i0 += 8) {
+    for (int i0 = i_first; i0 < i_last; i0 += 8) {
       __m512 a[8][2];
       for (int i = 0; i < 8; i++) {
         a[i][0] = _mm512_loadu_ps(dW + (i0 + i) * D);
@@ -330,12 +349,12 @@ static void projection_grad(Problem *p, int k) {
   }
 }
 
-// dE[v+1] = sum_h dT_h[v] W_h^T for thread k's share of the items (after every head's dT
+// dE[v+1] = sum_h dT_h[v] W_h^T for thread t's share of the items (after every head's dT
 // is complete); thread 0 also zeroes the rows that are not items.
-static void embedding_grad(Problem *p, int k) {
-  int first = (int)((long)p->V * k / p->K / 8 * 8);
-  int last = k == p->K - 1 ? p->V : (int)((long)p->V * (k + 1) / p->K / 8 * 8);
-  if (k == 0) {
+static void embedding_grad(Problem *p, int t) {
+  int first, last;
+  share(p->V, 8, t, p->K * p->G, &first, &last);
+  if (t == 0) {
     memset(p->demb, 0, sizeof(float) * p->d);
     memset(p->demb + (size_t)(p->V + 1) * p->d, 0,
            sizeof(float) * (size_t)(p->rows - p->V - 1) * p->d);
@@ -367,76 +386,112 @@ static void embedding_grad(Problem *p, int k) {
   }
 }
 
+// dT_h[v] (group 0's) += the other groups' dT_h[v], for thread t's share of the items.
+static void sum_groups(Problem *p, int t) {
+  int first, last;
+  share(p->Vp, 8, t, p->K * p->G, &first, &last);
+  size_t table = (size_t)p->K * p->Vp * D;
+  for (int h = 0; h < p->K; h++) {
+    float *o = p->dT + ((size_t)h * p->Vp + first) * D;
+    for (int g = 1; g < p->G; g++) {
+      const float *x = o + g * table;
+      for (size_t i = 0; i < (size_t)(last - first) * D; i += 16)
+        _mm512_store_ps(o + i, _mm512_add_ps(_mm512_load_ps(o + i), _mm512_load_ps(x + i)));
+    }
+  }
+}
+
 typedef struct {
   Problem *p;
-  int k;
+  int t;
   atomic_int *go;  // 0 until every thread has started, then 1 (or -1: stop)
 } Worker;
 
-static void *run_head(void *arg) {
+static void *run_thread(void *arg) {
   Worker *w = arg;
   Problem *p = w->p;
-  int k = w->k, sense = 0;
+  int t = w->t, k = t % p->K, g = t / p->K, sense = 0, group_sense = 0, first, last;
   while (atomic_load(w->go) == 0) sched_yield();
   if (atomic_load(w->go) < 0) return NULL;
   float tmax2 = 0;
-  for (int v0 = 0; v0 < p->Vp; v0 += 8) {
+  share(p->Vp, 8, g, p->G, &first, &last);  // This thread's tiles of T_k.
+  for (int v0 = first; v0 < last; v0 += 8) {
     if (p->V - v0 >= 8) project_tile(p, k, v0, 8, &tmax2);  // Unrolled for whole tiles.
     else project_tile(p, k, v0, p->V - v0, &tmax2);
   }
-  p->tmax[k] = sqrtf(tmax2);
-  for (int i = 0; i < p->d; i++)
-    for (int c = 0; c < D; c++)
-      p->WT[((size_t)k * D + c) * p->d + i] = p->W[((size_t)k * p->d + i) * D + c];
-  memset(p->dT + (size_t)k * p->Vp * D, 0, (size_t)p->Vp * D * sizeof(float));
+  p->tmax2[t] = tmax2;
+  if (g == 0)
+    for (int i = 0; i < p->d; i++)
+      for (int c = 0; c < D; c++)
+        p->WT[((size_t)k * D + c) * p->d + i] = p->W[((size_t)k * p->d + i) * D + c];
+  memset(p->dT + (size_t)t * p->Vp * D, 0, (size_t)p->Vp * D * sizeof(float));
+  if (p->G > 1) barrier_wait(&p->all, &sense);  // T complete (one group: each its own T_k).
+  for (int h = 0; h < p->G; h++)  // Over the head's threads.
+    tmax2 = p->tmax2[h * p->K + k] > tmax2 ? p->tmax2[h * p->K + k] : tmax2;
+  float tmax = sqrtf(tmax2);  // max_v |T_k[v]|
   float S[D][RB] __attribute__((aligned(64)));
-  for (int r0 = 0; r0 < p->R; r0 += RB) {
-    block_exps(p, k, r0, S, 0);
-    barrier_wait(&p->barrier, &sense);
-    if (k == 0) block_mixture(p, r0);
-    barrier_wait(&p->barrier, &sense);
-    block_grads(p, k, r0, S);
+  for (int r0 = g * RB; r0 < p->R; r0 += p->G * RB) {
+    block_exps(p, k, g, tmax, r0, S, 0);
+    barrier_wait(&p->group[g], &group_sense);
+    if (k == 0) block_mixture(p, g, r0);
+    barrier_wait(&p->group[g], &group_sense);
+    block_grads(p, k, g, r0, S);
   }
-  projection_grad(p, k);
-  barrier_wait(&p->barrier, &sense);
-  embedding_grad(p, k);
+  if (p->G > 1) {
+    barrier_wait(&p->all, &sense);
+    sum_groups(p, t);
+    barrier_wait(&p->all, &sense);
+  }
+  share(p->d, 8, g, p->G, &first, &last);
+  projection_grad(p, k, first, last);
+  barrier_wait(&p->all, &sense);
+  embedding_grad(p, t);
   return NULL;
 }
 
-// Returns 0, or EINVAL (R not a multiple of 32, d not a multiple of 32, more than
-// MAX_HEADS heads, fewer than V + 1 embedding rows, or a target outside -1..V-1), or ENOMEM.
-int fame_fused_nll(int K, int R, int V, int d, int rows, const float *U, const float *logw,
-                   const int *tgt, const float *emb, const float *W, double *loss, float *dU,
-                   float *demb, float *dW, float *dlogw) {
-  if (K < 1 || K > MAX_HEADS || R % RB || V < 1 || d < 32 || d % 32 || rows < V + 1)
+// Runs G groups of K threads (see the top). Returns 0, or EINVAL (R not a multiple of 32,
+// d not a multiple of 32, more than MAX_HEADS heads or MAX_THREADS threads, fewer than
+// V + 1 embedding rows, or a target outside -1..V-1), or ENOMEM.
+int fame_fused_nll(int K, int G, int R, int V, int d, int rows, const float *U,
+                   const float *logw, const int *tgt, const float *emb, const float *W,
+                   double *loss, float *dU, float *demb, float *dW, float *dlogw) {
+  if (K < 1 || K > MAX_HEADS || G < 1 || K * G > MAX_THREADS || R % RB || V < 1 || d < 32 ||
+      d % 32 || rows < V + 1)
     return EINVAL;
   for (int r = 0; r < R; r++)
     if (tgt[r] < -1 || tgt[r] >= V) return EINVAL;
-  Problem p = {.K = K, .R = R, .V = V, .Vp = (V + 7) / 8 * 8, .d = d, .rows = rows, .U = U,
+  Problem p = {.K = K, .G = G, .R = R, .V = V, .Vp = (V + 7) / 8 * 8, .d = d, .rows = rows, .U = U,
                .logw = logw, .tgt = tgt, .emb = emb, .W = W, .dU = dU, .demb = demb, .dW = dW,
                .dlogw = dlogw};
-  size_t tables = (size_t)K * p.Vp * D, e = (size_t)K * RB * p.Vp, small = (size_t)K * RB;
-  size_t floats = 2 * tables + (size_t)K * D * d + e + 4 * small;
+  int n = K * G;
+  size_t table = (size_t)K * p.Vp * D, e = (size_t)n * RB * p.Vp, small = (size_t)n * RB;
+  size_t floats = (1 + (size_t)G) * table + (size_t)K * D * d + e + 4 * small;
   float *work = aligned_alloc(64, floats * sizeof(float));
   if (!work) return ENOMEM;
-  p.T = work, p.dT = p.T + tables, p.WT = p.dT + tables, p.E = p.WT + (size_t)K * D * d;
+  p.T = work, p.dT = p.T + table, p.WT = p.dT + G * table, p.E = p.WT + (size_t)K * D * d;
   p.Z = p.E + e, p.lt = p.Z + small, p.c = p.lt + small, p.q = p.c + small;
-  atomic_init(&p.barrier.count, 0);
-  atomic_init(&p.barrier.sense, 0);
-  p.barrier.n = K;
+  atomic_init(&p.all.count, 0);
+  atomic_init(&p.all.sense, 0);
+  p.all.n = n;
+  for (int g = 0; g < G; g++) {
+    atomic_init(&p.group[g].count, 0);
+    atomic_init(&p.group[g].sense, 0);
+    p.group[g].n = K;
+  }
   atomic_int go;
   atomic_init(&go, 0);
-  pthread_t threads[MAX_HEADS];
-  Worker workers[MAX_HEADS];
-  for (int k = 0; k < K; k++) workers[k] = (Worker){&p, k, &go};
+  pthread_t threads[MAX_THREADS];
+  Worker workers[MAX_THREADS];
+  for (int t = 0; t < n; t++) workers[t] = (Worker){&p, t, &go};
   int started = 1;
-  while (started < K && !pthread_create(&threads[started], NULL, run_head, &workers[started]))
+  while (started < n && !pthread_create(&threads[started], NULL, run_thread, &workers[started]))
     started++;
-  atomic_store(&go, started == K ? 1 : -1);
-  if (started == K) run_head(&workers[0]);
-  for (int k = 1; k < started; k++) pthread_join(threads[k], NULL);
+  atomic_store(&go, started == n ? 1 : -1);
+  if (started == n) run_thread(&workers[0]);
+  for (int t = 1; t < started; t++) pthread_join(threads[t], NULL);
   free(work);
-  if (started < K) return ENOMEM;
-  *loss = p.loss;
+  if (started < n) return ENOMEM;
+  *loss = 0;
+  for (int g = 0; g < G; g++) *loss += p.loss[g];
   return 0;
 }

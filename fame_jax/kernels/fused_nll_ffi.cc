@@ -6,7 +6,7 @@
 
 namespace ffi = xla::ffi;
 
-extern "C" int fame_fused_nll(int K, int R, int V, int d, int rows, const float* U,
+extern "C" int fame_fused_nll(int K, int G, int R, int V, int d, int rows, const float* U,
                               const float* logw, const int* tgt, const float* emb,
                               const float* W, double* loss, float* dU, float* demb, float* dW,
                               float* dlogw);
@@ -14,6 +14,7 @@ extern "C" int fame_fused_nll(int K, int R, int V, int d, int rows, const float*
 static ffi::Error FusedNll(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> log_weights,
                            ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> embedding,
                            ffi::Buffer<ffi::F32> projection, int64_t num_items,
+                           int64_t groups,
                            ffi::ResultBuffer<ffi::F32> loss, ffi::ResultBuffer<ffi::F32> du,
                            ffi::ResultBuffer<ffi::F32> d_embedding,
                            ffi::ResultBuffer<ffi::F32> d_projection,
@@ -26,8 +27,8 @@ static ffi::Error FusedNll(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> log_we
   }
   double total = 0;
   int error = fame_fused_nll(
-      static_cast<int>(dims[0]), static_cast<int>(dims[1]), static_cast<int>(num_items),
-      static_cast<int>(table[1]), static_cast<int>(table[0]), u.typed_data(),
+      static_cast<int>(dims[0]), static_cast<int>(groups), static_cast<int>(dims[1]),
+      static_cast<int>(num_items), static_cast<int>(table[1]), static_cast<int>(table[0]), u.typed_data(),
       log_weights.typed_data(), targets.typed_data(), embedding.typed_data(),
       projection.typed_data(), &total, du->typed_data(), d_embedding->typed_data(),
       d_projection->typed_data(), d_log_weights->typed_data());
@@ -47,6 +48,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FameFusedNll, FusedNll,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("num_items")
+                                  .Attr<int64_t>("groups")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
