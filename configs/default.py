@@ -95,7 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The training output layer (item tables E W_f and the row-blocked loss) as one
   # hand-written kernel (fame_jax/cpu_kernels.py): "auto" uses it on one CPU device
   # with AVX-512 and C/C++ compilers, for FAME's mixture rule with d/H = 32 in
-  # float32 (Beauty's step ~32% shorter than with XLA's kernels); "xla" never.
+  # float32, on all cores (Beauty's step ~32% shorter than with XLA's kernels on
+  # 2 cores); "xla" never.
   config.loss_kernel = "auto"
   config.eval_chunk_size = 0  # Items per chunk when ranking (0 = whole catalogue).
   # Users ranked together (0 = the whole batch). -1 = auto: 128 on CPU (their
