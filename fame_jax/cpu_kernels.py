@@ -54,17 +54,27 @@ def applies(num_vectors: int, vector_size: int, dtype) -> bool:
           and jnp.dtype(dtype) == jnp.float32)
 
 
-def cores() -> int:
-  """The CPU cores this process may run on."""
+def cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+  """The physical cores this process may run on: hardware threads of one core (SMT
+  siblings, as Linux lists them) count once, since the kernel's threads are bound by a
+  core's FMA units. The number of CPUs it may run on where the topology is unknown."""
   try:
-    return len(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
   except AttributeError:  # Not Linux.
     return os.cpu_count() or 1
+  siblings = set()
+  for cpu in allowed:
+    try:
+      with open(os.path.join(sysfs, f"cpu{cpu}", "topology", "thread_siblings_list")) as f:
+        siblings.add(f.read().strip())
+    except OSError:
+      return len(allowed)
+  return max(1, len(siblings))
 
 
 def default_groups(num_vectors: int) -> int:
   """Groups of `num_vectors` threads (one a head) for this machine: as many as there are
-  cores for, at least one (K = 2 on 2 cores: 1 group; on 16 cores: 8)."""
+  physical cores for, at least one (K = 2 on 2 cores: 1 group; on 16 cores: 8)."""
   return max(1, min(cores(), MAX_THREADS) // num_vectors)
 
 

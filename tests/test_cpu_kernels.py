@@ -121,6 +121,18 @@ def test_more_groups_than_blocks_of_positions_leave_the_rest_idle():
   assert_same_loss_and_gradients(loss_inputs(45, 2, 100, 3.0), groups=4)
 
 
+def test_cores_count_a_core_with_two_hardware_threads_once(monkeypatch, tmp_path):
+  """CPUs 0 and 4 are one core's two threads, 1 and 5 another's; 2 has no topology."""
+  siblings = {0: "0,4", 4: "0,4", 1: "1,5", 5: "1,5", 3: "3"}
+  for cpu, listed in siblings.items():
+    (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+    (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(listed + "\n")
+  for allowed, want in [({0, 4, 1, 5}, 2), ({0, 1}, 2), ({0, 4}, 1), ({0, 4, 1, 5, 3}, 3),
+                        ({0, 2}, 2)]:  # CPU 2 unknown: count CPUs.
+    monkeypatch.setattr(cpu_kernels.os, "sched_getaffinity", lambda _, a=allowed: a)
+    assert cpu_kernels.cores(str(tmp_path)) == want, allowed
+
+
 def test_the_default_groups_use_the_cores_the_process_may_run_on(monkeypatch):
   for cores, k, want in [(2, 2, 1), (1, 2, 1), (16, 2, 8), (16, 3, 5), (256, 2, 32)]:
     monkeypatch.setattr(cpu_kernels, "cores", lambda cores=cores: cores)
