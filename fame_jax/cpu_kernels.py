@@ -44,6 +44,9 @@ VECTOR_SIZE = 32  # The one user-vector size the kernel is written for (D = d / 
 ROW_BLOCK = 32  # Positions a block; callers' positions are padded to a multiple of it.
 MAX_VECTORS = 16  # K: one thread a head in each group of threads.
 MAX_THREADS = 64  # K x groups.
+# Each group past the first adds K x V x (32 + 32) floats (its exps and its share of
+# T's gradient); the default number of groups keeps them within this many bytes.
+EXTRA_GROUPS_MEMORY = 1 << 30
 C_FLAGS = ("-O3", "-march=native", "-funroll-loops", "-fPIC", "-pthread")
 CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-w")
 
@@ -72,10 +75,14 @@ def cores(sysfs: str = "/sys/devices/system/cpu") -> int:
   return max(1, len(siblings))
 
 
-def default_groups(num_vectors: int) -> int:
+def default_groups(num_vectors: int, num_items: int = 0) -> int:
   """Groups of `num_vectors` threads (one a head) for this machine: as many as there are
-  physical cores for, at least one (K = 2 on 2 cores: 1 group; on 16 cores: 8)."""
-  return max(1, min(cores(), MAX_THREADS) // num_vectors)
+  physical cores for (K = 2 on 2 cores: 1 group; on 16 cores: 8), at least one, and no
+  more than `EXTRA_GROUPS_MEMORY` holds for a catalogue of `num_items` (a million items
+  and K = 2: 3 groups)."""
+  groups = max(1, min(cores(), MAX_THREADS) // num_vectors)
+  per_group = 4 * num_vectors * -(-num_items // 8) * 8 * (VECTOR_SIZE + ROW_BLOCK)
+  return min(groups, 1 + EXTRA_GROUPS_MEMORY // per_group) if per_group else groups
 
 
 def available() -> bool:
@@ -151,8 +158,8 @@ def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Arr
   `num_items` unused), projection `[K, d, 32]` (W_f, Eq. 9: head k scores against
   E W_f^(k)). Differentiable in vectors, log_weights, embedding and projection; the
   gradients come from the forward pass. The kernel runs `groups` groups of K threads,
-  each group a share of the positions (default: `default_groups(K)`); the result depends
-  on `groups` only through the order of float32 sums.
+  each group a share of the positions (default: `default_groups(K, num_items)`); the
+  result depends on `groups` only through the order of float32 sums.
   """
   chex.assert_rank([vectors, log_weights, targets, embedding, projection], [3, 2, 1, 2, 3])
   num, k, dim = vectors.shape
@@ -163,7 +170,7 @@ def fused_nll(vectors: Array, log_weights: Array, targets: Array, embedding: Arr
                      f"embedding [{rows}, {width}] for {num_items} items; the kernel takes K <= "
                      f"{MAX_VECTORS} float32 vectors of {VECTOR_SIZE}, an embedding width that "
                      f"is a multiple of {VECTOR_SIZE} and a row for each item after row 0")
-  groups = default_groups(k) if groups is None else groups
+  groups = default_groups(k, num_items) if groups is None else groups
   if not 1 <= groups * k <= MAX_THREADS:
     raise ValueError(f"cpu_kernels.fused_nll: groups={groups} of K={k} threads; at most "
                      f"{MAX_THREADS} threads in all")

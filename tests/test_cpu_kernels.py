@@ -137,6 +137,15 @@ def test_the_default_groups_use_the_cores_the_process_may_run_on(monkeypatch):
   for cores, k, want in [(2, 2, 1), (1, 2, 1), (16, 2, 8), (16, 3, 5), (256, 2, 32)]:
     monkeypatch.setattr(cpu_kernels, "cores", lambda cores=cores: cores)
     assert cpu_kernels.default_groups(k) == want, (cores, k)
+    assert cpu_kernels.default_groups(k, 12101) == want, (cores, k)  # Beauty: 6 MB a group.
+
+
+def test_the_default_groups_keep_the_extra_groups_buffers_within_a_gibibyte(monkeypatch):
+  """A group's exps and dT: K x V x 64 floats, 512 MiB for a million items and K = 2."""
+  monkeypatch.setattr(cpu_kernels, "cores", lambda: 16)
+  assert cpu_kernels.default_groups(2, 1_000_000) == 3
+  assert cpu_kernels.default_groups(2, 10_000_000) == 1
+  assert cpu_kernels.default_groups(1, 1_000_000) == 5
 
 
 @needs_kernel
