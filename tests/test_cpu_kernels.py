@@ -180,9 +180,12 @@ def dataset():
 
 
 @needs_kernel
-def test_a_train_step_with_the_kernel_equals_the_xla_train_step(dataset, devices):
-  """Three SGD steps with dropout, one device: loss kernel "auto" (the kernel) and "xla"
-  (the row-blocked loss in XLA) from the same state."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_train_step_with_the_kernel_equals_the_xla_train_step(dataset, devices, groups,
+                                                                 monkeypatch):
+  """Three SGD steps with dropout, one device: loss kernel "auto" (the kernel, in one or
+  two groups of threads) and "xla" (the row-blocked loss in XLA) from the same state."""
+  monkeypatch.setattr(cpu_kernels, "default_groups", lambda *_: groups)
   exps = {kernel: dataclasses.replace(train_lib.Experiment.from_config(
       fame32_config(loss_kernel=kernel, loss_row_block=16), dataset, devices=devices[:1]),
       tx=SGD) for kernel in ("auto", "xla")}
