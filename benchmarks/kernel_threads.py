@@ -8,7 +8,7 @@ every G-th block of 32 positions. This times its loss and gradients (jitted, bes
 positions, 12,101 items, d = 64) for K = `--heads` and G = 1 .. `--max_groups`, and
 reports GFLOP/s counting the kernel's matmuls (per head 6 R V D for the logits, dU and
 dT, and 6 V d D for T = E W, dW and dE). More threads than cores (K G > cores) shows
-what oversubscription costs; `default_groups` (cores // K) avoids it.
+what oversubscription costs; `default_groups` (cores // K, within a memory cap) avoids it.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         * cpu_kernels.VECTOR_SIZE
     for groups in range(1, args.max_groups + 1):
       seconds = time_kernel(k, groups, args)
-      default = groups == cpu_kernels.default_groups(k)
+      default = groups == cpu_kernels.default_groups(k, args.items)
       rows.append({"heads": k, "groups": groups, "threads": k * groups, "seconds": seconds,
                    "gflops_per_second": flops / seconds / 1e9, "default": default})
       print(f"{k:>3} {groups:>6} {k * groups:>7} {seconds * 1e3:>8.2f} "

@@ -426,8 +426,8 @@ static void *run_thread(void *arg) {
         p->WT[((size_t)k * D + c) * p->d + i] = p->W[((size_t)k * p->d + i) * D + c];
   memset(p->dT + (size_t)t * p->Vp * D, 0, (size_t)p->Vp * D * sizeof(float));
   if (p->G > 1) barrier_wait(&p->all, &sense);  // T complete (one group: each its own T_k).
-  for (int h = 0; h < p->G; h++)  // Over the head's threads.
-    tmax2 = p->tmax2[h * p->K + k] > tmax2 ? p->tmax2[h * p->K + k] : tmax2;
+  for (int other = 0; other < p->G; other++)  // Over the head's threads, one a group.
+    tmax2 = fmaxf(tmax2, p->tmax2[other * p->K + k]);
   float tmax = sqrtf(tmax2);  // max_v |T_k[v]|
   float S[D][RB] __attribute__((aligned(64)));
   for (int r0 = g * RB; r0 < p->R; r0 += p->G * RB) {

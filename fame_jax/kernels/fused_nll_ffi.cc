@@ -28,8 +28,8 @@ static ffi::Error FusedNll(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> log_we
   double total = 0;
   int error = fame_fused_nll(
       static_cast<int>(dims[0]), static_cast<int>(groups), static_cast<int>(dims[1]),
-      static_cast<int>(num_items), static_cast<int>(table[1]), static_cast<int>(table[0]), u.typed_data(),
-      log_weights.typed_data(), targets.typed_data(), embedding.typed_data(),
+      static_cast<int>(num_items), static_cast<int>(table[1]), static_cast<int>(table[0]),
+      u.typed_data(), log_weights.typed_data(), targets.typed_data(), embedding.typed_data(),
       projection.typed_data(), &total, du->typed_data(), d_embedding->typed_data(),
       d_projection->typed_data(), d_log_weights->typed_data());
   if (error) {
